@@ -1,0 +1,1 @@
+"""Gateway agent and fleet simulator that publish meter readings over MQTT."""

@@ -1,0 +1,354 @@
+"""The ``iiot`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from iiot_orchestration import __version__, migrate, registry
+from iiot_orchestration.db import connect
+from iiot_orchestration.errors import IiotError
+from iiot_orchestration.settings import Settings, SettingsError, describe, load_settings
+
+EXIT_USAGE = 2
+
+
+def _settings() -> Settings:
+    ctx = click.get_current_context()
+    return ctx.ensure_object(dict).setdefault("settings", load_settings())
+
+
+def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print an IiotError as one line on stderr and exit 1, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except IiotError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S%z")
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _json(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2, default=str, ensure_ascii=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="iiot")
+def main() -> None:
+    """IIoT telemetry orchestration: MQTT ingest, PostgreSQL/TimescaleDB storage and Dagster.
+
+    Configuration comes from IIOT_* environment variables; `iiot config` shows them.
+    """
+    try:
+        level = _settings().log_level
+    except SettingsError:
+        level = "INFO"  # the command itself reports the bad variable; --help still works
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("config")
+@friendly_errors
+def config_command() -> None:
+    """Show every IIOT_* variable, its effective value and where it came from."""
+    click.echo(_table(["variable", "value", "source"], describe(_settings())))
+
+
+@main.group()
+def db() -> None:
+    """Schema migrations."""
+
+
+@db.command("migrate")
+@friendly_errors
+def db_migrate() -> None:
+    """Apply pending migrations in order (safe to run concurrently and repeatedly)."""
+    settings = _settings()
+    migrate.migrate(settings.require_database_url(), settings.storage, echo=click.echo)
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def db_status(as_json: bool) -> None:
+    """List applied and pending migrations and the storage mode."""
+    settings = _settings()
+    state = migrate.status(settings.require_database_url(), settings.storage)
+    rows = [
+        {
+            "version": f"{m.version:04d}",
+            "name": m.name,
+            "variant": m.variant,
+            "state": "applied",
+            "applied_at": m.applied_at,
+        }
+        for m in state.applied
+    ] + [
+        {
+            "version": f"{m.version:04d}",
+            "name": m.name,
+            "variant": m.variant,
+            "state": "pending",
+            "applied_at": None,
+        }
+        for m in state.pending
+    ]
+    if as_json:
+        click.echo(_json(rows))
+        return
+    click.echo(f"storage mode: {state.storage_mode or 'not chosen yet (chosen at first migrate)'}")
+    click.echo(
+        _table(
+            ["version", "name", "variant", "state", "applied_at"], [list(r.values()) for r in rows]
+        )
+    )
+    click.echo(f"{len(state.applied)} applied, {len(state.pending)} pending")
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants: customers with a plan, a time zone and a retention policy."""
+
+
+@tenants.command("create")
+@click.argument("slug")
+@click.option("--name", required=True, help="Display name, e.g. 'Acme Energia Ltda'.")
+@click.option(
+    "--plan", default="starter", show_default=True, help="Plan id: starter, pro or enterprise."
+)
+@click.option("--timezone", default=None, help="IANA time zone [default: IIOT_DEFAULT_TIMEZONE].")
+@click.option(
+    "--locale",
+    type=click.Choice(registry.LOCALES),
+    default="pt_BR",
+    show_default=True,
+    help="Language of the tenant's reports.",
+)
+@click.option(
+    "--retention-days",
+    type=click.IntRange(1, 36_500),
+    default=None,
+    help="Override the plan's raw-telemetry retention.",
+)
+@click.option(
+    "--billing-day",
+    type=click.IntRange(1, 28),
+    default=1,
+    show_default=True,
+    help="Day of the month the billing cycle starts.",
+)
+@friendly_errors
+def tenants_create(
+    slug: str,
+    name: str,
+    plan: str,
+    timezone: str | None,
+    locale: str,
+    retention_days: int | None,
+    billing_day: int,
+) -> None:
+    """Create tenant SLUG (2-63 lowercase letters, digits and '-')."""
+    settings = _settings()
+    with connect(settings.require_database_url()) as conn:
+        tenant = registry.create_tenant(
+            conn,
+            slug=slug,
+            name=name,
+            plan=plan,
+            timezone=timezone or settings.default_timezone,
+            locale=locale,
+            retention_days=retention_days,
+            billing_cycle_day=billing_day,
+        )
+    click.echo(
+        f"Created tenant {tenant.slug} (id {tenant.tenant_id}) on plan {tenant.plan_id}, "
+        f"{tenant.included_devices} devices included, retention {tenant.retention_days} days."
+    )
+
+
+@tenants.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def tenants_list(as_json: bool) -> None:
+    """List tenants with their plan and device count."""
+    with connect(_settings().require_database_url()) as conn:
+        found = registry.list_tenants(conn)
+    if as_json:
+        click.echo(_json([t.__dict__ for t in found]))
+        return
+    click.echo(
+        _table(
+            ["slug", "name", "plan", "devices", "timezone", "retention", "status"],
+            [
+                [
+                    t.slug,
+                    t.name,
+                    t.plan_id,
+                    f"{t.device_count}/{t.included_devices}",
+                    t.timezone,
+                    f"{t.retention_days}d",
+                    t.status,
+                ]
+                for t in found
+            ],
+        )
+    )
+
+
+@main.group()
+def devices() -> None:
+    """Devices: meters and gateways that publish over MQTT, identified by MAC."""
+
+
+@devices.command("provision")
+@click.option("--tenant", required=True, help="Tenant slug.")
+@click.option("--mac", help="MAC of one device (aa:bb:cc:dd:ee:ff, aabbccddeeff, ...).")
+@click.option(
+    "--kind",
+    "meter_kind",
+    type=click.Choice(registry.METER_KINDS),
+    help="Meter kind of the one device.",
+)
+@click.option("--name", help="Display name of the one device.")
+@click.option("--metrics", help="Comma-separated metrics [default: the kind's default metrics].")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Provision many devices from a CSV with columns mac,meter_kind[,name,metrics].",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and report, but register nothing.")
+@friendly_errors
+def devices_provision(
+    tenant: str,
+    mac: str | None,
+    meter_kind: str | None,
+    name: str | None,
+    metrics: str | None,
+    csv_path: Path | None,
+    dry_run: bool,
+) -> None:
+    """Register one device (--mac, --kind) or many (--csv), with a report per device.
+
+    Devices beyond the plan's device quota are refused for starter and pro tenants.
+    Re-running the same CSV skips devices already provisioned. Exits 1 if any were refused.
+    """
+    if csv_path is not None and (mac or meter_kind or name or metrics):
+        raise click.UsageError("--csv cannot be combined with --mac, --kind, --name or --metrics")
+    if csv_path is None and not (mac and meter_kind):
+        raise click.UsageError("give --mac and --kind for one device, or --csv for many")
+    rejected: list[registry.ProvisionResult] = []
+    if csv_path is not None:
+        parsed = registry.parse_device_csv(csv_path.read_bytes())
+        requests, rejected = parsed.requests, parsed.rejected
+    else:
+        requests = [
+            registry.DeviceRequest(
+                mac=mac or "",
+                meter_kind=meter_kind or "",
+                name=name,
+                metrics=tuple(m for m in (metrics or "").replace(" ", ",").split(",") if m),
+            )
+        ]
+    with connect(_settings().require_database_url()) as conn, conn.transaction() as tx:
+        results = registry.provision_devices(conn, tenant, requests) if requests else []
+        if dry_run:
+            raise psycopg.Rollback(tx)
+    results = sorted(results + rejected, key=lambda r: r.line)
+    _report_provisioning(results, csv=csv_path is not None, dry_run=dry_run)
+    if any(r.status == "rejected" for r in results):
+        sys.exit(1)
+
+
+def _report_provisioning(
+    results: list[registry.ProvisionResult], *, csv: bool, dry_run: bool
+) -> None:
+    headers = ["line", "mac", "result", "detail"] if csv else ["mac", "result", "detail"]
+    rows = [([r.line] if csv else []) + [r.mac, r.status, r.message] for r in results]
+    click.echo(_table(headers, rows))
+    counts = {
+        s: sum(r.status == s for r in results) for s in ("provisioned", "skipped", "rejected")
+    }
+    prefix = "dry run, nothing registered: " if dry_run else ""
+    click.echo(
+        f"{prefix}{counts['provisioned']} provisioned, {counts['skipped']} skipped "
+        f"(already provisioned), {counts['rejected']} rejected"
+    )
+
+
+@devices.command("list")
+@click.option("--tenant", help="Only this tenant's devices.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def devices_list(tenant: str | None, as_json: bool) -> None:
+    """List devices with their tenant, kind, metrics and last reading time."""
+    with connect(_settings().require_database_url()) as conn:
+        found = registry.list_devices(conn, tenant)
+    if as_json:
+        click.echo(_json(found))
+        return
+    click.echo(
+        _table(
+            ["tenant", "mac", "name", "kind", "status", "metrics", "last_seen"],
+            [
+                [
+                    d["tenant"],
+                    d["mac"],
+                    d["name"],
+                    d["meter_kind"],
+                    d["status"],
+                    d["metrics"],
+                    d["last_seen"],
+                ]
+                for d in found
+            ],
+        )
+    )
+
+
+@main.command("dev")
+@click.option("--no-dagster", is_flag=True, help="Start only the database, broker and demo data.")
+@friendly_errors
+def dev_command(no_dagster: bool) -> None:
+    """Run the whole stack locally: database, broker, migrations, demo tenant, Dagster UI.
+
+    Uses an embedded PostgreSQL unless IIOT_DATABASE_URL is set, and Mosquitto (if on PATH) or
+    the in-process amqtt broker unless IIOT_MQTT_URL is set. Ctrl-C stops everything.
+    """
+    from iiot_orchestration.dev import run_dev_stack
+
+    sys.exit(run_dev_stack(_settings(), dagster=not no_dagster, echo=click.echo))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,281 @@
+"""`iiot dev`: the whole stack on embedded defaults, stopped cleanly by Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+from iiot_orchestration import migrate, registry
+from iiot_orchestration.db import connect
+from iiot_orchestration.errors import IiotError
+from iiot_orchestration.services import (
+    ServiceError,
+    ensure_database,
+    port_open,
+    start_broker,
+    start_embedded_postgres,
+)
+from iiot_orchestration.settings import Settings, dagster_url_for, mask_password
+
+DEMO_TENANT = "demo"
+DEMO_DEVICES = (
+    registry.DeviceRequest("02:00:00:00:00:01", "energy", "Main switchboard"),
+    registry.DeviceRequest("02:00:00:00:00:02", "energy", "Cold room"),
+    registry.DeviceRequest("02:00:00:00:00:03", "water", "Main water inlet"),
+    registry.DeviceRequest("02:00:00:00:00:04", "water", "Cooling tower"),
+    registry.DeviceRequest("02:00:00:00:00:05", "gas", "Boiler"),
+)
+STARTUP_TIMEOUT_S = 180
+MQTT_PORT = ("127.0.0.1", 1883)
+_LOCATIONS_QUERY = """
+{ workspaceOrError { __typename ... on Workspace { locationEntries {
+    name loadStatus
+    locationOrLoadError { __typename ... on PythonError { message } }
+} } } }
+"""
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The checkout that holds workspace.yaml and dagster.yaml."""
+    candidates = [
+        start or Path.cwd(),
+        *(start or Path.cwd()).parents,
+        Path(__file__).resolve().parents[1],
+    ]
+    for directory in candidates:
+        if (directory / "workspace.yaml").is_file() and (directory / "dagster.yaml").is_file():
+            return directory
+    raise ServiceError(
+        "cannot find workspace.yaml and dagster.yaml: run `iiot dev` from the project checkout"
+    )
+
+
+@dataclass
+class DevStack:
+    database_url: str
+    dagster_database_url: str
+    mqtt_url: str
+    dagster_home: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+def code_locations(base_url: str, timeout: float = 5) -> list[dict[str, Any]]:
+    """The Dagster webserver's code locations with their load status and errors."""
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"not a webserver URL: {base_url!r}")
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        f"{base_url}/graphql",
+        data=json.dumps({"query": _LOCATIONS_QUERY}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        body = json.load(response)
+    return body["data"]["workspaceOrError"]["locationEntries"]
+
+
+def seed_demo(database_url: str, echo: Callable[[str], None]) -> None:
+    """A demo tenant with a few devices; running it again changes nothing."""
+    with connect(database_url) as conn:
+        existing = {t.slug for t in registry.list_tenants(conn)}
+        if DEMO_TENANT not in existing:
+            registry.create_tenant(
+                conn,
+                slug=DEMO_TENANT,
+                name="Demo Indústria",
+                plan="pro",
+                timezone="America/Sao_Paulo",
+                actor="iiot-dev",
+            )
+        results = registry.provision_devices(conn, DEMO_TENANT, DEMO_DEVICES, actor="iiot-dev")
+    added = sum(r.status == "provisioned" for r in results)
+    echo(f"Demo tenant '{DEMO_TENANT}': {len(DEMO_DEVICES)} devices ({added} new).")
+
+
+def _wait_for_webserver(
+    stack: DevStack, base_url: str, stop: threading.Event
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and not stop.is_set():
+        for name, process in stack.processes.items():
+            if process.poll() is not None:
+                raise ServiceError(f"{name} exited with code {process.returncode} during start-up")
+        try:
+            locations = code_locations(base_url)
+        except (OSError, urllib.error.URLError, KeyError, ValueError):
+            stop.wait(1)
+            continue
+        if locations and all(loc["loadStatus"] == "LOADED" for loc in locations):
+            errors = [
+                f"{loc['name']}: {loc['locationOrLoadError'].get('message', '').strip()}"
+                for loc in locations
+                if (loc["locationOrLoadError"] or {}).get("__typename") == "PythonError"
+            ]
+            if errors:
+                raise ServiceError("Dagster could not load its code:\n" + "\n".join(errors))
+            return locations
+        stop.wait(1)
+    if stop.is_set():
+        return []
+    raise ServiceError(f"the Dagster webserver did not load its code within {STARTUP_TIMEOUT_S} s")
+
+
+def _dagster_env(settings: Settings, stack: DevStack) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DAGSTER_HOME=str(stack.dagster_home),
+        IIOT_DATABASE_URL=stack.database_url,
+        IIOT_DAGSTER_DATABASE_URL=stack.dagster_database_url,
+        IIOT_MQTT_URL=stack.mqtt_url,
+        IIOT_MAX_CONCURRENT_RUNS=str(settings.max_concurrent_runs),
+    )
+    return env
+
+
+def _spawn(
+    name: str, args: list[str], env: dict[str, str], cwd: Path, log_dir: Path
+) -> subprocess.Popen[bytes]:
+    log_file = (log_dir / f"{name}.log").open("ab")
+    # a session of its own: Ctrl-C reaches only `iiot dev`, which then stops the children in order
+    return subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop_processes(
+    processes: dict[str, subprocess.Popen[bytes]], echo: Callable[[str], None]
+) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for name, process in processes.items():
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            echo(f"{name} did not stop within 20 s; killing it")
+            process.kill()
+            process.wait()
+
+
+def run_dev_stack(
+    settings: Settings, *, dagster: bool = True, echo: Callable[[str], None] = print
+) -> int:
+    """Start everything, wait for Ctrl-C or SIGTERM, stop everything. Returns the exit code."""
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    exit_code = 0
+    with ExitStack() as cleanup:
+        try:
+            stack = _start(settings, data_dir, cleanup, echo)
+            if dagster:
+                _start_dagster(settings, stack, cleanup, echo, stop)
+            if not stop.is_set():
+                echo("Ready. Press Ctrl-C to stop.")
+            while not stop.is_set():
+                failed = [n for n, p in stack.processes.items() if p.poll() is not None]
+                if failed:
+                    echo(f"{', '.join(failed)} stopped unexpectedly; see {data_dir / 'logs'}")
+                    exit_code = 1
+                    break
+                stop.wait(1)
+        except IiotError as exc:
+            echo(f"error: {exc}")
+            exit_code = 1
+        finally:
+            echo("Stopping...")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    echo("Stopped.")
+    return exit_code
+
+
+def _start(
+    settings: Settings, data_dir: Path, cleanup: ExitStack, echo: Callable[[str], None]
+) -> DevStack:
+    if settings.database_url:
+        database_url = settings.database_url
+        echo(f"Database: {mask_password(database_url)} (IIOT_DATABASE_URL)")
+    else:
+        echo("Starting embedded PostgreSQL...")
+        server = start_embedded_postgres(data_dir / "pgdata")
+        cleanup.callback(server.stop)
+        database_url = server.url("iiot")
+        echo(f"Database: {database_url} (embedded)")
+    dagster_url = settings.dagster_database_url or dagster_url_for(database_url)
+    for url in (database_url, dagster_url):
+        ensure_database(url, conninfo_to_dict(url)["dbname"])
+    migrate.migrate(database_url, settings.storage, echo=echo)
+    seed_demo(database_url, echo)
+
+    if settings.mqtt_url:
+        mqtt_url = settings.mqtt_url
+        echo(f"MQTT broker: {mqtt_url} (IIOT_MQTT_URL)")
+    else:
+        # the usual MQTT port when it is free, so that devices need no configuration
+        broker = start_broker(data_dir / "mosquitto", port=None if port_open(*MQTT_PORT) else 1883)
+        cleanup.callback(broker.stop)
+        mqtt_url = broker.url
+        echo(f"MQTT broker: {mqtt_url} ({broker.kind})")
+    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home")
+
+
+def _start_dagster(
+    settings: Settings,
+    stack: DevStack,
+    cleanup: ExitStack,
+    echo: Callable[[str], None],
+    stop: threading.Event,
+) -> None:
+    root = find_project_root()
+    stack.dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / "dagster.yaml", stack.dagster_home / "dagster.yaml")
+    log_dir = stack.dagster_home.parent / "logs"
+    log_dir.mkdir(exist_ok=True)
+    env = _dagster_env(settings, stack)
+    bin_dir = Path(sys.executable).parent
+    host, port = settings.dagster_host, settings.dagster_port
+    workspace = str(root / "workspace.yaml")
+    cleanup.callback(_stop_processes, stack.processes, echo)
+    echo("Starting the Dagster webserver and daemon...")
+    stack.processes["dagster-webserver"] = _spawn(
+        "dagster-webserver",
+        [str(bin_dir / "dagster-webserver"), "-h", host, "-p", str(port), "-w", workspace],
+        env,
+        root,
+        log_dir,
+    )
+    stack.processes["dagster-daemon"] = _spawn(
+        "dagster-daemon",
+        [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
+        env,
+        root,
+        log_dir,
+    )
+    base_url = f"http://{host}:{port}"
+    locations = _wait_for_webserver(stack, base_url, stop)
+    for location in locations:
+        echo(f"Code location {location['name']}: {location['loadStatus'].lower()}")
+    if locations:
+        echo(f"Dagster UI: {base_url}  (logs in {log_dir})")
+        echo(
+            f"In another shell: export IIOT_DATABASE_URL='{stack.database_url}' "
+            f"IIOT_MQTT_URL='{stack.mqtt_url}'"
+        )

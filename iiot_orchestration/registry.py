@@ -1,0 +1,467 @@
+"""The tenant and device registry: creation, listing, MAC normalisation and CSV provisioning."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from iiot_orchestration.db import query, set_actor
+from iiot_orchestration.errors import IiotError
+
+METER_KINDS = ("energy", "water", "gas")
+LOCALES = ("pt_BR", "en")
+MAX_CSV_BYTES = 5 * 1024 * 1024
+MAX_CSV_ROWS = 50_000
+MAX_FIELD_CHARS = 200
+CSV_COLUMNS = ("mac", "meter_kind", "name", "metrics")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+_MAC_FORMS = (
+    re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$"),
+    re.compile(r"^[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}$"),
+    re.compile(r"^[0-9a-f]{12}$"),
+)
+_FORMULA_START = ("=", "+", "-", "@")
+
+
+class RegistryError(IiotError):
+    """A tenant or device request was refused; the message says why."""
+
+
+def normalise_mac(raw: str) -> str:
+    """``aa:bb:cc:dd:ee:ff`` from the usual MAC spellings; RegistryError for anything else."""
+    text = raw.strip().lower()
+    shown = raw if len(raw) <= 40 else raw[:37] + "..."
+    if len(text) > 17 or not any(form.match(text) for form in _MAC_FORMS):
+        raise RegistryError(
+            f"bad MAC {shown!r}: expected 12 hex digits such as aa:bb:cc:dd:ee:ff, "
+            "aa-bb-cc-dd-ee-ff, aabb.ccdd.eeff or aabbccddeeff"
+        )
+    digits = re.sub(r"[:.-]", "", text)
+    if int(digits[:2], 16) & 1:
+        raise RegistryError(f"bad MAC {shown!r}: a multicast address cannot identify a device")
+    if digits == "0" * 12:
+        raise RegistryError(f"bad MAC {shown!r}: the all-zero address cannot identify a device")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def clean_name(raw: str, *, what: str = "name", limit: int = 100) -> str:
+    """A display name safe to show in terminals, PDFs and spreadsheets."""
+    name = unicodedata.normalize("NFC", raw.strip())
+    if not name:
+        raise RegistryError(f"{what} is empty")
+    if len(name) > limit:
+        raise RegistryError(f"{what} is longer than {limit} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise RegistryError(f"{what} contains control characters")
+    if name.startswith(_FORMULA_START):
+        raise RegistryError(
+            f"{what} {name!r} starts with {name[0]!r}, which spreadsheets run as a formula"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tenant_id: int
+    slug: str
+    name: str
+    plan_id: str
+    timezone: str
+    locale: str
+    retention_days: int
+    billing_cycle_day: int
+    status: str
+    created_at: datetime
+    device_count: int
+    included_devices: int
+
+
+def audit(
+    conn: psycopg.Connection,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: Any = None,
+    tenant_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        query("insert_audit"),
+        {
+            "actor": actor,
+            "tenant_id": tenant_id,
+            "action": action,
+            "entity": entity,
+            "entity_id": None if entity_id is None else str(entity_id),
+            "detail": Jsonb(detail or {}),
+        },
+    )
+
+
+def create_tenant(
+    conn: psycopg.Connection,
+    *,
+    slug: str,
+    name: str,
+    plan: str,
+    timezone: str,
+    locale: str = "pt_BR",
+    retention_days: int | None = None,
+    billing_cycle_day: int = 1,
+    actor: str = "cli",
+) -> Tenant:
+    """Register a tenant; its first plan-history row is written by the database."""
+    if not _SLUG.match(slug):
+        raise RegistryError(
+            f"bad tenant slug {slug[:70]!r}: use 2-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    name = clean_name(name, what="tenant name", limit=200)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RegistryError(
+            f"unknown time zone {timezone[:60]!r}: use an IANA name such as America/Sao_Paulo"
+        ) from None
+    if locale not in LOCALES:
+        raise RegistryError(f"unknown locale {locale!r}: expected one of {', '.join(LOCALES)}")
+    if retention_days is not None and not 1 <= retention_days <= 36_500:
+        raise RegistryError("retention days must be between 1 and 36500")
+    if not 1 <= billing_cycle_day <= 28:
+        raise RegistryError("billing cycle day must be between 1 and 28")
+    plans = [r[0] for r in conn.execute("SELECT plan_id FROM plans ORDER BY plan_id")]
+    if plan not in plans:
+        raise RegistryError(f"unknown plan {plan[:40]!r}: expected one of {', '.join(plans)}")
+    with conn.transaction():
+        set_actor(conn, actor)
+        try:
+            with conn.transaction():
+                tenant_id = conn.execute(
+                    "INSERT INTO tenants (slug, name, plan_id, timezone, locale, retention_days,"
+                    " billing_cycle_day) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING tenant_id",
+                    (slug, name, plan, timezone, locale, retention_days, billing_cycle_day),
+                ).fetchone()[0]
+        except psycopg.errors.UniqueViolation:
+            raise RegistryError(f"tenant {slug!r} already exists") from None
+        audit(
+            conn,
+            actor=actor,
+            action="tenant.created",
+            entity="tenant",
+            entity_id=slug,
+            tenant_id=tenant_id,
+            detail={"plan": plan, "timezone": timezone},
+        )
+    return get_tenant(conn, slug)
+
+
+def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [Tenant(**row) for row in cur.execute(query("tenant_summaries"))]
+
+
+def get_tenant(conn: psycopg.Connection, slug: str) -> Tenant:
+    for tenant in list_tenants(conn):
+        if tenant.slug == slug:
+            return tenant
+    raise RegistryError(f"unknown tenant {slug[:70]!r}: `iiot tenants list` shows the tenants")
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One device to provision; ``line`` is its line in a CSV file (0 for the command line)."""
+
+    mac: str
+    meter_kind: str
+    name: str | None = None
+    metrics: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    line: int
+    mac: str
+    status: str  # provisioned, skipped or rejected
+    message: str
+    device_id: int | None = None
+
+
+@dataclass
+class CsvParse:
+    requests: list[DeviceRequest] = field(default_factory=list)
+    rejected: list[ProvisionResult] = field(default_factory=list)
+
+
+def _split_metrics(raw: str) -> tuple[str, ...]:
+    return tuple(m for m in re.split(r"[|\s]+", raw.strip()) if m)
+
+
+def parse_device_csv(data: bytes) -> CsvParse:
+    """Validate a device CSV; every bad row becomes a rejected result naming its line."""
+    if len(data) > MAX_CSV_BYTES:
+        raise RegistryError(
+            f"CSV file is {len(data):,} bytes; the limit is {MAX_CSV_BYTES:,} "
+            "(split it into smaller files)"
+        )
+    if b"\x00" in data:
+        raise RegistryError("CSV file contains NUL bytes: it is not a text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"CSV file is not UTF-8 (byte {exc.start} is invalid)") from None
+    first_line = text.split("\n", 1)[0]
+    delimiter = ";" if first_line.count(";") > first_line.count(",") else ","
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        raise RegistryError(f"CSV file is malformed: {exc}") from None
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise RegistryError(
+            "CSV file is empty: expected a header line `mac,meter_kind,name,metrics`"
+        )
+    header = [cell.strip().lower() for cell in rows[0]]
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    missing = [c for c in ("mac", "meter_kind") if c not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        raise RegistryError(
+            f"CSV header {','.join(h[:30] for h in header)!r} is invalid: columns are "
+            f"{', '.join(CSV_COLUMNS)} (mac and meter_kind required)"
+        )
+    if len(rows) - 1 > MAX_CSV_ROWS:
+        raise RegistryError(f"CSV file has {len(rows) - 1:,} rows; the limit is {MAX_CSV_ROWS:,}")
+    result = CsvParse()
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        raw_mac = row[header.index("mac")].strip() if len(row) > header.index("mac") else ""
+        if len(row) != len(header):
+            result.rejected.append(
+                ProvisionResult(
+                    line,
+                    raw_mac[:40],
+                    "rejected",
+                    f"expected {len(header)} fields, found {len(row)}",
+                )
+            )
+            continue
+        values = dict(zip(header, (cell.strip() for cell in row), strict=True))
+        try:
+            if any(len(v) > MAX_FIELD_CHARS for v in values.values()):
+                raise RegistryError(f"a field is longer than {MAX_FIELD_CHARS} characters")
+            request = validate_request(
+                DeviceRequest(
+                    mac=values["mac"],
+                    meter_kind=values["meter_kind"],
+                    name=values.get("name") or None,
+                    metrics=_split_metrics(values.get("metrics", "")),
+                    line=line,
+                )
+            )
+        except RegistryError as exc:
+            result.rejected.append(ProvisionResult(line, raw_mac[:40], "rejected", str(exc)))
+            continue
+        if request.mac in seen:
+            result.rejected.append(
+                ProvisionResult(
+                    line,
+                    request.mac,
+                    "rejected",
+                    f"duplicate MAC: first seen on line {seen[request.mac]}",
+                )
+            )
+            continue
+        seen[request.mac] = line
+        result.requests.append(request)
+    return result
+
+
+def validate_request(request: DeviceRequest) -> DeviceRequest:
+    """The request with its MAC normalised and its fields checked (metrics against the
+    catalog are checked at provisioning time)."""
+    mac = normalise_mac(request.mac)
+    kind = request.meter_kind.strip().lower()
+    if kind not in METER_KINDS:
+        raise RegistryError(
+            f"unknown meter kind {request.meter_kind[:30]!r}: "
+            f"expected one of {', '.join(METER_KINDS)}"
+        )
+    name = clean_name(request.name, what="device name") if request.name else None
+    metrics = tuple(dict.fromkeys(m.strip().lower() for m in request.metrics))
+    return DeviceRequest(mac, kind, name, metrics, request.line)
+
+
+def _catalog(conn: psycopg.Connection) -> dict[str, tuple[str | None, bool]]:
+    rows = conn.execute("SELECT metric, meter_kind, is_default FROM metric_catalog")
+    return {metric: (kind, is_default) for metric, kind, is_default in rows}
+
+
+def _metrics_for(request: DeviceRequest, catalog: dict[str, tuple[str | None, bool]]) -> list[str]:
+    if not request.metrics:
+        return sorted(
+            m for m, (kind, default) in catalog.items() if default and kind == request.meter_kind
+        )
+    for metric in request.metrics:
+        if metric not in catalog:
+            raise RegistryError(
+                f"unknown metric {metric[:40]!r}: "
+                f"registered metrics are {', '.join(sorted(catalog))}"
+            )
+        kind = catalog[metric][0]
+        if kind not in (None, request.meter_kind):
+            raise RegistryError(
+                f"metric {metric!r} belongs to {kind} meters, not {request.meter_kind}"
+            )
+    return list(request.metrics)
+
+
+def provision_devices(
+    conn: psycopg.Connection,
+    tenant: str,
+    requests: Sequence[DeviceRequest],
+    *,
+    actor: str = "cli",
+) -> list[ProvisionResult]:
+    """Register devices for a tenant in one transaction, one result per request.
+
+    A MAC already registered to the same tenant with the same meter kind is skipped, so a CSV
+    can be re-run safely. Starter and pro tenants are refused devices beyond the plan's quota.
+    """
+    results: list[ProvisionResult] = []
+    with conn.transaction():
+        set_actor(conn, actor)
+        with conn.cursor(row_factory=dict_row) as cur:
+            owner = cur.execute(query("tenant_for_provisioning"), {"tenant": tenant}).fetchone()
+        if owner is None:
+            raise RegistryError(
+                f"unknown tenant {tenant[:70]!r}: `iiot tenants list` shows the tenants"
+            )
+        if owner["status"] != "active":
+            raise RegistryError(
+                f"tenant {tenant!r} is {owner['status']}: it cannot get new devices"
+            )
+        catalog = _catalog(conn)
+        count = owner["device_count"]
+        valid: list[tuple[DeviceRequest, list[str]]] = []
+        for raw in requests:
+            try:
+                request = validate_request(raw)
+                valid.append((request, _metrics_for(request, catalog)))
+            except RegistryError as exc:
+                results.append(ProvisionResult(raw.line, raw.mac[:40], "rejected", str(exc)))
+        registered = {
+            mac: rest
+            for mac, *rest in conn.execute(
+                query("registered_macs"), {"macs": [r.mac for r, _ in valid]}
+            )
+        }
+        for request, metrics in valid:
+            existing = registered.get(request.mac)
+            if existing is not None:
+                device_id, kind, tenant_id = existing
+                if tenant_id == owner["tenant_id"] and kind == request.meter_kind:
+                    results.append(
+                        ProvisionResult(
+                            request.line, request.mac, "skipped", "already provisioned", device_id
+                        )
+                    )
+                elif tenant_id == owner["tenant_id"]:
+                    results.append(
+                        ProvisionResult(
+                            request.line,
+                            request.mac,
+                            "rejected",
+                            f"duplicate MAC: already registered here as a {kind} meter",
+                        )
+                    )
+                else:
+                    results.append(
+                        ProvisionResult(
+                            request.line,
+                            request.mac,
+                            "rejected",
+                            "duplicate MAC: already registered to another tenant",
+                        )
+                    )
+                continue
+            if owner["hard_block"] and count >= owner["included_devices"]:
+                results.append(
+                    ProvisionResult(
+                        request.line,
+                        request.mac,
+                        "rejected",
+                        f"device quota reached: plan {owner['plan_id']} includes "
+                        f"{owner['included_devices']} devices and the tenant has {count}",
+                    )
+                )
+                audit(
+                    conn,
+                    actor=actor,
+                    action="quota.device_blocked",
+                    entity="device",
+                    entity_id=request.mac,
+                    tenant_id=owner["tenant_id"],
+                    detail={"plan": owner["plan_id"], "devices": count},
+                )
+                continue
+            device_id = _insert_device(conn, owner["tenant_id"], request, metrics, actor)
+            registered[request.mac] = [device_id, request.meter_kind, owner["tenant_id"]]
+            if device_id is None:
+                results.append(
+                    ProvisionResult(
+                        request.line,
+                        request.mac,
+                        "rejected",
+                        "duplicate MAC: registered by someone else a moment ago",
+                    )
+                )
+                continue
+            count += 1
+            results.append(
+                ProvisionResult(
+                    request.line, request.mac, "provisioned", ", ".join(metrics), device_id
+                )
+            )
+    return results
+
+
+def _insert_device(
+    conn: psycopg.Connection,
+    tenant_id: int,
+    request: DeviceRequest,
+    metrics: list[str],
+    actor: str,
+) -> int | None:
+    """The new device's id, or None when the MAC was taken by a concurrent registration."""
+    row = conn.execute(
+        query("provision_device"),
+        {
+            "tenant_id": tenant_id,
+            "mac": request.mac,
+            "name": request.name or f"{request.meter_kind}-{request.mac.replace(':', '')[-6:]}",
+            "meter_kind": request.meter_kind,
+            "metrics": metrics,
+            "actor": actor,
+        },
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def list_devices(conn: psycopg.Connection, tenant: str | None = None) -> list[dict[str, Any]]:
+    if tenant is not None:
+        get_tenant(conn, tenant)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query("device_summaries"), {"tenant": tenant}).fetchall()

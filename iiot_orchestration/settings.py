@@ -1,0 +1,373 @@
+"""All configuration, read from ``IIOT_*`` environment variables with typed defaults.
+
+Every variable is declared once in ``VARIABLES``; the README and ``iiot config`` are built from
+the same list, so a variable cannot exist without documentation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from iiot_orchestration.errors import IiotError
+
+StorageMode = Literal["auto", "timescale", "postgres"]
+STORAGE_MODES: tuple[str, ...] = ("auto", "timescale", "postgres")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SettingsError(IiotError, ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str | None
+    expected: str
+    description: str
+    parse: Callable[[str], Any]
+
+
+def _database_url(raw: str) -> str:
+    if not raw.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must start with postgresql://")
+    try:
+        conninfo_to_dict(raw)
+    except psycopg.Error as exc:
+        raise ValueError(str(exc).strip()) from None
+    return raw
+
+
+def _mqtt_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+    if parts.port is not None and not 0 < parts.port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    return raw
+
+
+def _topic_prefix(raw: str) -> str:
+    segments = raw.split("/")
+    if not all(_TOPIC_SEGMENT.match(s) for s in segments):
+        raise ValueError("must be topic segments of letters, digits, '_', '.', '-' joined by '/'")
+    return raw
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _timezone(raw: str) -> str:
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone such as America/Sao_Paulo") from None
+    return raw
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip() or "\x00" in raw:
+        raise ValueError("must be a directory path")
+    return Path(raw).expanduser()
+
+
+def _location(raw: str) -> str:
+    """A local directory or an fsspec URL (s3://bucket/prefix)."""
+    if not raw.strip() or "\x00" in raw:
+        raise ValueError("must be a directory path or a URL such as s3://bucket/prefix")
+    return raw
+
+
+def _host(raw: str) -> str:
+    if not re.match(r"^[A-Za-z0-9.:-]+$", raw):
+        raise ValueError("must be a host name or IP address")
+    return raw
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "IIOT_DATABASE_URL",
+        None,
+        "postgresql://user@host:port/database",
+        "Application database. Unset: `iiot dev` starts an embedded PostgreSQL.",
+        _database_url,
+    ),
+    Variable(
+        "IIOT_DAGSTER_DATABASE_URL",
+        None,
+        "postgresql://user@host:port/database",
+        "Dagster's run, event-log and schedule storage. Unset: the application database's "
+        "server with the database name suffixed `_dagster`.",
+        _database_url,
+    ),
+    Variable(
+        "IIOT_MQTT_URL",
+        None,
+        "mqtt://host:port or mqtts://host:port",
+        "MQTT broker. Unset: `iiot dev` starts Mosquitto (if on PATH) or the in-process amqtt "
+        "broker.",
+        _mqtt_url,
+    ),
+    Variable(
+        "IIOT_TOPIC_PREFIX",
+        "iiot",
+        "topic segments such as iiot or acme/site1",
+        "Prefix of every topic: `<prefix>/devices/{mac}/telemetry`.",
+        _topic_prefix,
+    ),
+    Variable(
+        "IIOT_STORAGE",
+        "auto",
+        "auto, timescale or postgres",
+        "Storage mode chosen at the first migration: TimescaleDB hypertable or native daily "
+        "partitions. `auto` uses TimescaleDB when the extension is available.",
+        _choice(STORAGE_MODES),
+    ),
+    Variable(
+        "IIOT_DATA_DIR",
+        "var",
+        "a directory path",
+        "Root for local state (embedded database, Dagster home, broker data).",
+        _path,
+    ),
+    Variable(
+        "IIOT_ARCHIVE_ROOT",
+        None,
+        "a directory path or an fsspec URL",
+        "Parquet archives of expired telemetry. Unset: `<IIOT_DATA_DIR>/archive`.",
+        _location,
+    ),
+    Variable(
+        "IIOT_BACKUP_ROOT",
+        None,
+        "a directory path",
+        "Database backups and their manifests. Unset: `<IIOT_DATA_DIR>/backups`.",
+        _path,
+    ),
+    Variable(
+        "IIOT_REPORTS_ROOT",
+        None,
+        "a directory path",
+        "Generated PDF and Excel reports. Unset: `<IIOT_DATA_DIR>/reports`.",
+        _path,
+    ),
+    Variable(
+        "IIOT_PARTITIONS_AHEAD_DAYS",
+        "7",
+        "a whole number from 1 to 366",
+        "Days of telemetry partitions created ahead of today (PostgreSQL mode).",
+        _int_range(1, 366),
+    ),
+    Variable(
+        "IIOT_DEFAULT_TIMEZONE",
+        "America/Sao_Paulo",
+        "an IANA time zone",
+        "Time zone given to new tenants that do not name one.",
+        _timezone,
+    ),
+    Variable(
+        "IIOT_MAX_CONCURRENT_RUNS",
+        "4",
+        "a whole number from 1 to 100",
+        "Dagster runs allowed at once by the queued run coordinator.",
+        _int_range(1, 100),
+    ),
+    Variable(
+        "IIOT_DAGSTER_HOST",
+        "127.0.0.1",
+        "a host name or IP address",
+        "Interface the Dagster webserver started by `iiot dev` listens on.",
+        _host,
+    ),
+    Variable(
+        "IIOT_DAGSTER_PORT",
+        "3000",
+        "a port from 1 to 65535",
+        "Port of the Dagster webserver started by `iiot dev`.",
+        _int_range(1, 65535),
+    ),
+    Variable(
+        "IIOT_LOG_LEVEL",
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR",
+        "Log level of the CLI and daemons.",
+        _choice(LOG_LEVELS, upper=True),
+    ),
+)
+VARIABLES_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    dagster_database_url: str | None
+    mqtt_url: str | None
+    topic_prefix: str
+    storage: StorageMode
+    data_dir: Path
+    archive_root: str
+    backup_root: Path
+    reports_root: Path
+    partitions_ahead_days: int
+    default_timezone: str
+    max_concurrent_runs: int
+    dagster_host: str
+    dagster_port: int
+    log_level: str
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SettingsError(
+                "IIOT_DATABASE_URL is not set: expected postgresql://user@host:port/database "
+                "(or run `iiot dev`, which prints the URL of its embedded database)"
+            )
+        return self.database_url
+
+
+def _read(environ: Mapping[str, str], var: Variable) -> tuple[Any, str]:
+    raw = environ.get(var.name)
+    if raw is None or raw == "":
+        if var.default is None:
+            return None, "unset"
+        return var.parse(var.default), "default"
+    try:
+        return var.parse(raw), "environment"
+    except ValueError as exc:
+        shown = raw if len(raw) <= 80 else raw[:77] + "..."
+        raise SettingsError(
+            f"{var.name}={shown!r} is invalid: {exc} (expected {var.expected})"
+        ) from None
+
+
+def dagster_url_for(database_url: str) -> str:
+    """The Dagster storage URL that sits next to an application database."""
+    params = conninfo_to_dict(database_url)
+    params["dbname"] = f"{params.get('dbname') or 'postgres'}_dagster"
+    return to_url(params)
+
+
+def to_url(params: Mapping[str, Any]) -> str:
+    """A postgresql:// URL from libpq keywords (sockets given as ?host=)."""
+    params = dict(params)
+    user = params.pop("user", "") or ""
+    password = params.pop("password", None)
+    host = params.pop("host", "") or ""
+    port = params.pop("port", None)
+    dbname = params.pop("dbname", "") or ""
+    auth = user + (f":{password}" if password else "")
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    if host.startswith("/"):
+        query = "&".join(filter(None, [f"host={host}", f"port={port}" if port else "", query]))
+        netloc = f"{auth}@" if auth else ""
+    else:
+        netloc = (f"{auth}@" if auth else "") + host + (f":{port}" if port else "")
+    return f"postgresql://{netloc}/{dbname}" + (f"?{query}" if query else "")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every ``IIOT_*`` variable; raise SettingsError naming the bad one."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for var in VARIABLES:
+        values[var.name], sources[var.name] = _read(env, var)
+    data_dir: Path = values["IIOT_DATA_DIR"]
+    database_url = values["IIOT_DATABASE_URL"]
+    dagster_url = values["IIOT_DAGSTER_DATABASE_URL"]
+    if dagster_url is None and database_url:
+        dagster_url = dagster_url_for(database_url)
+    return Settings(
+        database_url=database_url,
+        dagster_database_url=dagster_url,
+        mqtt_url=values["IIOT_MQTT_URL"],
+        topic_prefix=values["IIOT_TOPIC_PREFIX"],
+        storage=values["IIOT_STORAGE"],
+        data_dir=data_dir,
+        archive_root=values["IIOT_ARCHIVE_ROOT"] or str(data_dir / "archive"),
+        backup_root=values["IIOT_BACKUP_ROOT"] or data_dir / "backups",
+        reports_root=values["IIOT_REPORTS_ROOT"] or data_dir / "reports",
+        partitions_ahead_days=values["IIOT_PARTITIONS_AHEAD_DAYS"],
+        default_timezone=values["IIOT_DEFAULT_TIMEZONE"],
+        max_concurrent_runs=values["IIOT_MAX_CONCURRENT_RUNS"],
+        dagster_host=values["IIOT_DAGSTER_HOST"],
+        dagster_port=values["IIOT_DAGSTER_PORT"],
+        log_level=values["IIOT_LOG_LEVEL"],
+        sources=sources,
+    )
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, effective value, source) rows for `iiot config`, passwords masked."""
+    shown = {
+        "IIOT_DATABASE_URL": settings.database_url,
+        "IIOT_DAGSTER_DATABASE_URL": settings.dagster_database_url,
+        "IIOT_MQTT_URL": settings.mqtt_url,
+        "IIOT_TOPIC_PREFIX": settings.topic_prefix,
+        "IIOT_STORAGE": settings.storage,
+        "IIOT_DATA_DIR": settings.data_dir,
+        "IIOT_ARCHIVE_ROOT": settings.archive_root,
+        "IIOT_BACKUP_ROOT": settings.backup_root,
+        "IIOT_REPORTS_ROOT": settings.reports_root,
+        "IIOT_PARTITIONS_AHEAD_DAYS": settings.partitions_ahead_days,
+        "IIOT_DEFAULT_TIMEZONE": settings.default_timezone,
+        "IIOT_MAX_CONCURRENT_RUNS": settings.max_concurrent_runs,
+        "IIOT_DAGSTER_HOST": settings.dagster_host,
+        "IIOT_DAGSTER_PORT": settings.dagster_port,
+        "IIOT_LOG_LEVEL": settings.log_level,
+    }
+    rows = []
+    for var in VARIABLES:
+        value = shown[var.name]
+        text = "" if value is None else str(value)
+        if var.name.endswith("_URL") and text:
+            text = mask_password(text)
+        source = settings.sources.get(var.name, "default")
+        if source == "unset" and value is not None:
+            source = "derived"
+        rows.append((var.name, text, source))
+    return rows
+
+
+def mask_password(url: str) -> str:
+    if url.startswith(("postgresql://", "postgres://")):
+        params = conninfo_to_dict(url)
+        if params.get("password"):
+            params["password"] = "***"  # noqa: S105 - a mask, not a password
+            return to_url(params)
+        return url
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url

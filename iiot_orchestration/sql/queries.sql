@@ -1,0 +1,61 @@
+-- Named queries, loaded once by iiot_orchestration.db.queries(); each starts with "-- name: x".
+
+-- name: tenant_summaries
+SELECT t.tenant_id, t.slug, t.name, t.plan_id, t.timezone, t.locale,
+       coalesce(t.retention_days, p.retention_days) AS retention_days,
+       t.billing_cycle_day, t.status, t.created_at,
+       count(d.device_id) FILTER (WHERE d.status <> 'decommissioned') AS device_count,
+       p.included_devices
+  FROM tenants t
+  JOIN plans p USING (plan_id)
+  LEFT JOIN devices d ON d.tenant_id = t.tenant_id
+ GROUP BY t.tenant_id, p.plan_id
+ ORDER BY t.slug
+
+-- name: tenant_for_provisioning
+SELECT t.tenant_id, t.status, p.plan_id, p.included_devices, p.hard_block,
+       (SELECT count(*) FROM devices d
+         WHERE d.tenant_id = t.tenant_id AND d.status <> 'decommissioned') AS device_count
+  FROM tenants t
+  JOIN plans p USING (plan_id)
+ WHERE t.slug = %(tenant)s
+   FOR UPDATE OF t
+
+-- name: device_summaries
+SELECT d.device_id, t.slug AS tenant, d.mac::text AS mac, d.name, d.meter_kind, d.status,
+       d.last_seen, d.created_at,
+       coalesce(array_agg(m.metric ORDER BY m.metric) FILTER (WHERE m.metric IS NOT NULL),
+                '{}') AS metrics
+  FROM devices d
+  JOIN tenants t USING (tenant_id)
+  LEFT JOIN device_metrics m USING (device_id)
+ WHERE (%(tenant)s::text IS NULL OR t.slug = %(tenant)s)
+ GROUP BY d.device_id, t.slug
+ ORDER BY t.slug, d.mac
+
+-- name: insert_audit
+INSERT INTO audit_log (actor, tenant_id, action, entity, entity_id, detail)
+VALUES (%(actor)s, %(tenant_id)s, %(action)s, %(entity)s, %(entity_id)s, %(detail)s)
+
+-- name: registered_macs
+SELECT mac::text, device_id, meter_kind, tenant_id FROM devices WHERE mac = ANY(%(macs)s::macaddr[])
+
+-- name: provision_device
+-- One round trip per device: the device, its metrics and the audit row, or nothing if the MAC
+-- was registered by someone else since registered_macs was read.
+WITH device AS (
+    INSERT INTO devices (tenant_id, mac, name, meter_kind)
+    VALUES (%(tenant_id)s, %(mac)s, %(name)s, %(meter_kind)s)
+    ON CONFLICT (mac) DO NOTHING
+    RETURNING device_id
+), metrics AS (
+    INSERT INTO device_metrics (device_id, metric, tenant_id)
+    SELECT device.device_id, metric, %(tenant_id)s FROM device, unnest(%(metrics)s::text[]) AS metric
+), audit AS (
+    INSERT INTO audit_log (actor, tenant_id, action, entity, entity_id, detail)
+    SELECT %(actor)s, %(tenant_id)s, 'device.provisioned', 'device', %(mac)s,
+           jsonb_build_object('device_id', device.device_id, 'meter_kind', %(meter_kind)s,
+                              'metrics', to_jsonb(%(metrics)s::text[]))
+      FROM device
+)
+SELECT device_id FROM device

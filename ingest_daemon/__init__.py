@@ -1,0 +1,1 @@
+"""The MQTT ingest daemon (`iiot ingest`): validation, tenant resolution, quotas and landing."""

@@ -1,0 +1,135 @@
+"""Real services for the tests: PostgreSQL and an MQTT broker at 127.0.0.1 when reachable,
+embedded ones otherwise. A template database is migrated once per session and cloned per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from iiot_orchestration import migrate
+from iiot_orchestration.services import (
+    port_open,
+    start_broker,
+    start_embedded_postgres,
+)
+from iiot_orchestration.settings import to_url
+from iiot_orchestration.storage import TIMESCALE_MISSING, timescale_support
+
+LOCAL_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def database_url_for(server_url: str, name: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(server_url)
+    params["dbname"] = name
+    return to_url(params)
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(statement)
+    return database_url_for(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server's `postgres` database that the tests may create databases on."""
+    url = os.environ.get("IIOT_TEST_SERVER_URL", LOCAL_SERVER_URL)
+    if _reachable(url):
+        yield url
+        return
+    server = start_embedded_postgres(tmp_path_factory.mktemp("embedded") / "pgdata")
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server: str) -> Iterator[str]:
+    name = f"iiot_tmpl_{uuid.uuid4().hex[:10]}"
+    url = create_database(pg_server, name)
+    migrate.migrate(url, "postgres", echo=lambda _: None)
+    yield name
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_server: str) -> Iterator[str]:
+    name = f"iiot_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(pg_server, name)
+    yield url
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def database_url(pg_server: str, template_database: str) -> Iterator[str]:
+    """A migrated database (PostgreSQL storage mode), private to the test."""
+    name = f"iiot_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(pg_server, name, template=template_database)
+    yield url
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def timescale_server_url(pg_server: str) -> str:
+    """A server that can run the timescale storage mode, or a skip naming what is missing."""
+    url = os.environ.get("IIOT_TEST_TIMESCALE_URL", pg_server)
+    if not _reachable(url):
+        pytest.skip(f"{TIMESCALE_MISSING}: IIOT_TEST_TIMESCALE_URL server {url} is unreachable")
+    with psycopg.connect(url) as connection:
+        support = timescale_support(connection)
+    if not support.usable:
+        pytest.skip(support.reason)
+    return url
+
+
+@pytest.fixture(scope="session")
+def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The broker at 127.0.0.1:1883 when reachable, else one started for the session."""
+    if port_open("127.0.0.1", 1883):
+        yield "mqtt://127.0.0.1:1883"
+        return
+    broker = start_broker(tmp_path_factory.mktemp("broker"))
+    try:
+        yield broker.url
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def cli_env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for running `iiot` against the test's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATABASE_URL=database_url, IIOT_DATA_DIR=str(tmp_path / "var"))
+    return env

@@ -1,0 +1,154 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from iiot_orchestration.cli import main
+
+
+@pytest.fixture
+def run(cli_env, monkeypatch):
+    for key in [k for k in list(__import__("os").environ) if k.startswith("IIOT_")]:
+        monkeypatch.delenv(key)
+    for key, value in cli_env.items():
+        if key.startswith("IIOT_"):
+            monkeypatch.setenv(key, value)
+
+    def invoke(*args):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for command in (
+        ["db", "migrate"],
+        ["db", "status"],
+        ["tenants", "create"],
+        ["tenants", "list"],
+        ["devices", "provision"],
+        ["devices", "list"],
+        ["dev"],
+        ["config"],
+    ):
+        result = runner.invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, command
+        assert "Usage: main" in result.output or "Usage: iiot" in result.output
+
+
+def test_db_commands(run):
+    first = run("db", "migrate")
+    assert first.exit_code == 0
+    assert "Nothing to migrate" in first.output
+    status = run("db", "status")
+    assert "storage mode: postgres" in status.output
+    assert "0 pending" in status.output
+    rows = json.loads(run("db", "status", "--json").output)
+    assert {r["state"] for r in rows} == {"applied"}
+
+
+def test_tenant_and_device_lifecycle(run, tmp_path):
+    created = run("tenants", "create", "acme", "--name", "Acme Energia", "--plan", "pro")
+    assert created.exit_code == 0
+    assert "Created tenant acme" in created.output
+    again = run("tenants", "create", "acme", "--name", "Acme")
+    assert again.exit_code == 1
+    assert "error: tenant 'acme' already exists" in again.output
+    one = run(
+        "devices",
+        "provision",
+        "--tenant",
+        "acme",
+        "--mac",
+        "AA:BB:CC:00:00:01",
+        "--kind",
+        "energy",
+        "--metrics",
+        "energy_kwh,voltage_v",
+    )
+    assert one.exit_code == 0
+    assert "1 provisioned" in one.output
+    csv_file = tmp_path / "devices.csv"
+    csv_file.write_text(
+        "mac,meter_kind,name\n"
+        "aa:bb:cc:00:00:01,energy,again\n"
+        "aa:bb:cc:00:00:02,water,Inlet\n"
+        "bogus,gas,Broken\n"
+    )
+    batch = run("devices", "provision", "--tenant", "acme", "--csv", str(csv_file))
+    assert batch.exit_code == 1
+    assert "1 provisioned, 1 skipped (already provisioned), 1 rejected" in batch.output
+    assert "4     bogus" in batch.output
+    listed = json.loads(run("devices", "list", "--tenant", "acme", "--json").output)
+    assert sorted(d["mac"] for d in listed) == ["aa:bb:cc:00:00:01", "aa:bb:cc:00:00:02"]
+    table = run("devices", "list").output
+    assert "energy_kwh,voltage_v" in table
+    tenants = run("tenants", "list").output
+    assert "2/100" in tenants
+    assert json.loads(run("tenants", "list", "--json").output)[0]["slug"] == "acme"
+
+
+def test_dry_run_registers_nothing(run, tmp_path):
+    run("tenants", "create", "acme", "--name", "Acme")
+    csv_file = tmp_path / "devices.csv"
+    csv_file.write_text("mac,meter_kind\naa:bb:cc:00:00:09,gas\n")
+    result = run("devices", "provision", "--tenant", "acme", "--csv", str(csv_file), "--dry-run")
+    assert result.exit_code == 0
+    assert "dry run, nothing registered: 1 provisioned" in result.output
+    assert json.loads(run("devices", "list", "--json").output) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["devices", "provision", "--tenant", "acme"],
+        ["devices", "provision", "--tenant", "acme", "--mac", "aa:bb:cc:00:00:01"],
+        ["devices", "provision", "--tenant", "acme", "--csv", "README.md", "--mac", "x"],
+        ["devices", "provision", "--tenant", "acme", "--mac", "x", "--kind", "steam"],
+        ["devices", "provision", "--tenant", "acme", "--csv", "/no/such/file.csv"],
+        ["tenants", "create", "acme", "--name", "A", "--billing-day", "31"],
+        ["tenants", "create", "acme", "--name", "A", "--retention-days", "-5"],
+    ],
+)
+def test_usage_errors_exit_2(run, args):
+    assert run(*args).exit_code == 2
+
+
+def test_unusable_csv_is_one_clear_error(run, tmp_path):
+    run("tenants", "create", "acme", "--name", "Acme")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe binary garbage \x00\x01")
+    result = run("devices", "provision", "--tenant", "acme", "--csv", str(bad))
+    assert result.exit_code == 1
+    assert result.output.startswith("error: CSV file contains NUL bytes")
+
+
+def test_unreachable_database_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("IIOT_DATABASE_URL", "postgresql://nobody:pw@127.0.0.1:1/nowhere")
+    result = CliRunner().invoke(main, ["tenants", "list"])
+    assert result.exit_code == 1
+    assert "error: cannot connect to postgresql://nobody:***@127.0.0.1:1/nowhere" in result.output
+    assert "pw@" not in result.output
+
+
+def test_missing_database_url_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("IIOT_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(main, ["db", "status"])
+    assert result.exit_code == 1
+    assert "IIOT_DATABASE_URL is not set" in result.output
+
+
+def test_console_script_runs_as_a_process(cli_env):
+    result = subprocess.run(
+        [sys.executable, "-m", "iiot_orchestration.cli", "db", "migrate"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to migrate" in result.stdout

@@ -1,0 +1,104 @@
+"""`iiot dev` end to end: embedded PostgreSQL, a broker, migrations, demo data, the Dagster UI,
+and a clean stop on Ctrl-C."""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+
+from iiot_orchestration.dev import DEMO_DEVICES, DEMO_TENANT, code_locations
+from iiot_orchestration.services import free_port, port_open
+from tests.conftest import REPO_ROOT
+
+START_TIMEOUT_S = 300
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def wait_for(lines: queue.Queue, seen: list[str], marker: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            return False
+        seen.append(line)
+        if marker in line:
+            return True
+    return False
+
+
+@pytest.mark.stack
+def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(tmp_path / "var"), IIOT_DAGSTER_PORT=str(port))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iiot_orchestration.cli", "dev"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        ready = wait_for(lines, seen, "Ready. Press Ctrl-C to stop.", START_TIMEOUT_S)
+        output = "\n".join(seen)
+        assert ready, output
+        assert "(embedded)" in output
+        assert "Code location iiot: loaded" in output
+        database_url = re.search(r"Database: (\S+) \(embedded\)", output).group(1)
+
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/server_info", timeout=10) as response:
+            assert response.status == 200
+        [location] = code_locations(base)
+        assert location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+        request = urllib.request.Request(
+            f"{base}/graphql", data=query, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.load(response)["data"]["assetNodes"]
+        assert ["telemetry_partitions"] in [n["assetKey"]["path"] for n in nodes]
+
+        with psycopg.connect(database_url) as conn:
+            devices = conn.execute(
+                "SELECT count(*) FROM devices JOIN tenants USING (tenant_id) WHERE slug = %s",
+                (DEMO_TENANT,),
+            ).fetchone()[0]
+        assert devices == len(DEMO_DEVICES)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    wait_for(lines, seen, "Stopped.", 10)
+    reader.join(10)
+    process.stdout.close()
+    assert process.returncode == 0, "\n".join(seen)
+    assert "Stopped." in seen
+    assert not port_open("127.0.0.1", port)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(database_url, connect_timeout=3)
