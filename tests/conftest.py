@@ -4,6 +4,7 @@ embedded ones otherwise. A template database is migrated once per session and cl
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,24 @@ def drop_database(server_url: str, name: str) -> None:
         )
 
 
+def close_to_connections(server_url: str, name: str) -> None:
+    """Make ``name`` usable as a template: TimescaleDB keeps a background worker connected."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name))
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            others = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            ).fetchone()[0]
+            if not others:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"sessions on template database {name} did not end")
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a PostgreSQL server's `postgres` database that the tests may create databases on."""
@@ -73,9 +92,24 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def template_database(pg_server: str) -> Iterator[str]:
     name = f"iiot_tmpl_{uuid.uuid4().hex[:10]}"
     url = create_database(pg_server, name)
-    migrate.migrate(url, "postgres", echo=lambda _: None)
+    migrate.migrate(url, "auto", echo=lambda _: None)
+    close_to_connections(pg_server, name)
     yield name
     drop_database(pg_server, name)
+
+
+@pytest.fixture(scope="session")
+def storage_mode(pg_server: str, template_database: str) -> str:
+    """The mode the test databases run in: timescale when the server can, else postgres."""
+    with psycopg.connect(pg_server) as conn:
+        return "timescale" if timescale_support(conn).usable else "postgres"
+
+
+@pytest.fixture
+def postgres_mode(storage_mode: str) -> None:
+    """For tests of PostgreSQL-mode mechanics (partitions that iiot creates itself)."""
+    if storage_mode != "postgres":
+        pytest.skip("TimescaleDB manages chunks itself; this tests PostgreSQL-mode partitions")
 
 
 @pytest.fixture

@@ -39,12 +39,12 @@ def test_every_command_has_help():
         assert "Usage: main" in result.output or "Usage: iiot" in result.output
 
 
-def test_db_commands(run):
+def test_db_commands(run, storage_mode):
     first = run("db", "migrate")
     assert first.exit_code == 0
     assert "Nothing to migrate" in first.output
     status = run("db", "status")
-    assert "storage mode: postgres" in status.output
+    assert f"storage mode: {storage_mode}" in status.output
     assert "0 pending" in status.output
     rows = json.loads(run("db", "status", "--json").output)
     assert {r["state"] for r in rows} == {"applied"}

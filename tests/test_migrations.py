@@ -40,7 +40,7 @@ def copy_migrations(tmp_path: Path) -> Path:
     return target
 
 
-def test_migrate_empty_database_needs_no_manual_step(empty_database_url):
+def test_migrate_empty_database_needs_no_manual_step(empty_database_url, storage_mode):
     lines: list[str] = []
     applied = migrate.migrate(empty_database_url, "auto", echo=lines.append)
     assert [m.version for m in applied] == list(range(1, len(applied) + 1))
@@ -54,7 +54,7 @@ def test_migrate_empty_database_needs_no_manual_step(empty_database_url):
         assert conn.execute("SELECT count(*) FROM iiot_schema_migrations").fetchone()[0] == len(
             applied
         )
-        assert conn.execute("SELECT mode FROM iiot_storage").fetchone()[0] == "postgres"
+        assert conn.execute("SELECT mode FROM iiot_storage").fetchone()[0] == storage_mode
         plans = dict(conn.execute("SELECT plan_id, hard_block FROM plans").fetchall())
         assert plans == {"starter": True, "pro": True, "enterprise": False}
     assert lines[-1].startswith("Database is at ")
@@ -67,7 +67,7 @@ def test_second_run_is_a_no_op_that_says_so(database_url):
     assert lines[0].startswith("Nothing to migrate")
 
 
-def test_status_lists_pending_then_applied(empty_database_url):
+def test_status_lists_pending_then_applied(empty_database_url, storage_mode):
     before = migrate.status(empty_database_url)
     assert before.applied == []
     assert before.storage_mode is None
@@ -76,7 +76,7 @@ def test_status_lists_pending_then_applied(empty_database_url):
     after = migrate.status(empty_database_url)
     assert after.pending == []
     assert after.current_version == len(before.pending)
-    assert after.storage_mode == "postgres"
+    assert after.storage_mode == storage_mode
 
 
 def test_changed_applied_migration_is_refused_by_name(database_url, tmp_path):
@@ -194,12 +194,13 @@ def test_timescale_requested_without_extension_is_a_clear_error(empty_database_u
         assert conn.execute("SELECT to_regclass('telemetry')").fetchone()[0] is None
 
 
-def test_storage_mode_cannot_change_in_place(database_url):
-    with pytest.raises(StorageError, match="set up in postgres mode"):
-        migrate.migrate(database_url, "timescale", echo=quiet)
+def test_storage_mode_cannot_change_in_place(database_url, storage_mode):
+    other = "timescale" if storage_mode == "postgres" else "postgres"
+    with pytest.raises(StorageError, match=f"set up in {storage_mode} mode"):
+        migrate.migrate(database_url, other, echo=quiet)
 
 
-def test_partitions_exist_ahead_and_reject_far_future_rows(conn):
+def test_partitions_exist_ahead_and_reject_far_future_rows(conn, postgres_mode):
     storage = storage_for(conn)
     today = datetime.now(UTC).date()
     days = storage.partition_days(conn)
@@ -214,13 +215,16 @@ def test_partitions_exist_ahead_and_reject_far_future_rows(conn):
         )
 
 
-def test_partition_function_refuses_backwards_and_huge_ranges(conn):
-    storage = storage_for(conn)
+def test_partition_function_refuses_backwards_ranges(conn):
     today = datetime.now(UTC).date()
     with pytest.raises(psycopg.errors.RaiseException, match="before it starts"):
-        storage.ensure_partitions(conn, today, today - timedelta(days=1))
+        storage_for(conn).ensure_partitions(conn, today, today - timedelta(days=1))
+
+
+def test_partition_function_refuses_huge_ranges(conn, postgres_mode):
+    today = datetime.now(UTC).date()
     with pytest.raises(psycopg.errors.RaiseException, match="refusing to create"):
-        storage.ensure_partitions(conn, today, today + timedelta(days=5000))
+        storage_for(conn).ensure_partitions(conn, today, today + timedelta(days=5000))
 
 
 def test_duplicate_reading_is_a_no_op(conn):

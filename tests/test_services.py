@@ -1,5 +1,6 @@
 """The local services behind `iiot dev` and the test fallbacks, exercised for real."""
 
+import gc
 import queue
 import shutil
 import uuid
@@ -65,6 +66,7 @@ def test_amqtt_fallback_broker():
         assert round_trip(broker.url) == b"reading"
     finally:
         broker.stop()
+        gc.collect()  # so that amqtt's leaked sockets are reported here, under the filter
 
 
 def test_embedded_postgres_serves_and_stops(tmp_path):
