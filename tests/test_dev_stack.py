@@ -22,6 +22,43 @@ from tests.conftest import REPO_ROOT
 START_TIMEOUT_S = 300
 
 
+def graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(
+        f"{base}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["data"]
+
+
+def run_through_daemon(base: str, job: str, timeout: float = 180) -> str:
+    """Launch a job as the UI does (queued, then started by the daemon); its final status."""
+    launched = graphql(
+        base,
+        "mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {"
+        " __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }",
+        {
+            "p": {
+                "selector": {
+                    "repositoryLocationName": "iiot",
+                    "repositoryName": "__repository__",
+                    "jobName": job,
+                },
+                "runConfigData": {},
+            }
+        },
+    )["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + timeout
+    status = "QUEUED"
+    while time.monotonic() < deadline and status not in ("SUCCESS", "FAILURE", "CANCELED"):
+        time.sleep(1)
+        query = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+        status = graphql(base, query, {"id": run_id})["runOrError"]["status"]
+    return status
+
+
 def read_lines(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line.rstrip("\n"))
@@ -69,17 +106,14 @@ def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
         database_url = re.search(r"Database: (\S+) \(embedded\)", output).group(1)
 
         base = f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(f"{base}/server_info", timeout=10) as response:
-            assert response.status == 200
+        for page in ("server_info", "", "asset-groups"):
+            with urllib.request.urlopen(f"{base}/{page}", timeout=30) as response:
+                assert response.status == 200, page
         [location] = code_locations(base)
         assert location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
-        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
-        request = urllib.request.Request(
-            f"{base}/graphql", data=query, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            nodes = json.load(response)["data"]["assetNodes"]
+        nodes = graphql(base, "{ assetNodes { assetKey { path } } }")["assetNodes"]
         assert ["telemetry_partitions"] in [n["assetKey"]["path"] for n in nodes]
+        assert run_through_daemon(base, "telemetry_partitions_job") == "SUCCESS"
 
         with psycopg.connect(database_url) as conn:
             devices = conn.execute(
