@@ -23,8 +23,10 @@ EXIT_USAGE = 2
 
 
 def _settings() -> Settings:
-    ctx = click.get_current_context()
-    return ctx.ensure_object(dict).setdefault("settings", load_settings())
+    state = click.get_current_context().ensure_object(dict)
+    if "settings" not in state:
+        state["settings"] = load_settings()
+    return state["settings"]
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -91,8 +91,7 @@ def code_locations(base_url: str, timeout: float = 5) -> list[dict[str, Any]]:
 def seed_demo(database_url: str, echo: Callable[[str], None]) -> None:
     """A demo tenant with a few devices; running it again changes nothing."""
     with connect(database_url) as conn:
-        existing = {t.slug for t in registry.list_tenants(conn)}
-        if DEMO_TENANT not in existing:
+        if not registry.list_tenants(conn, DEMO_TENANT):
             registry.create_tenant(
                 conn,
                 slug=DEMO_TENANT,

@@ -167,16 +167,16 @@ def create_tenant(
     return get_tenant(conn, slug)
 
 
-def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
+def list_tenants(conn: psycopg.Connection, slug: str | None = None) -> list[Tenant]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return [Tenant(**row) for row in cur.execute(query("tenant_summaries"))]
+        return [Tenant(**row) for row in cur.execute(query("tenant_summaries"), {"tenant": slug})]
 
 
 def get_tenant(conn: psycopg.Connection, slug: str) -> Tenant:
-    for tenant in list_tenants(conn):
-        if tenant.slug == slug:
-            return tenant
-    raise RegistryError(f"unknown tenant {slug[:70]!r}: `iiot tenants list` shows the tenants")
+    found = list_tenants(conn, slug)
+    if not found:
+        raise RegistryError(f"unknown tenant {slug[:70]!r}: `iiot tenants list` shows the tenants")
+    return found[0]
 
 
 @dataclass(frozen=True)

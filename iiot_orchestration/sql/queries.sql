@@ -9,6 +9,7 @@ SELECT t.tenant_id, t.slug, t.name, t.plan_id, t.timezone, t.locale,
   FROM tenants t
   JOIN plans p USING (plan_id)
   LEFT JOIN devices d ON d.tenant_id = t.tenant_id
+ WHERE (%(tenant)s::text IS NULL OR t.slug = %(tenant)s)
  GROUP BY t.tenant_id, p.plan_id
  ORDER BY t.slug
 
