@@ -147,8 +147,16 @@ def start_amqtt(host: str = "127.0.0.1", port: int | None = None) -> Broker:
     broker = Broker("amqtt", host, port, _loop=loop)
     failure: list[BaseException] = []
 
+    class ClosingBroker(AmqttBroker):
+        # amqtt 0.12 leaves a client's socket open after its session ends; close it here
+        async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
+            try:
+                await super().stream_connected(reader, writer, listener_name)
+            finally:
+                writer.close()
+
     async def start() -> None:
-        broker._amqtt = AmqttBroker(config, loop=loop)
+        broker._amqtt = ClosingBroker(config, loop=loop)
         await broker._amqtt.start()
 
     def run() -> None:

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -150,9 +151,11 @@ def timescale_server_url(pg_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The broker at 127.0.0.1:1883 when reachable, else one started for the session."""
-    if port_open("127.0.0.1", 1883):
-        yield "mqtt://127.0.0.1:1883"
+    """IIOT_TEST_MQTT_URL (default 127.0.0.1:1883) when reachable, else a broker of our own."""
+    url = os.environ.get("IIOT_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+    parts = urlsplit(url)
+    if port_open(parts.hostname or "127.0.0.1", parts.port or 1883):
+        yield url
         return
     broker = start_broker(tmp_path_factory.mktemp("broker"))
     try:

@@ -57,8 +57,6 @@ def test_mosquitto_on_a_free_port(tmp_path):
         broker.stop()
 
 
-# amqtt 0.12 does not close the server side of a client's socket when it shuts down
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_amqtt_fallback_broker():
     broker = start_amqtt()
     try:
@@ -66,7 +64,7 @@ def test_amqtt_fallback_broker():
         assert round_trip(broker.url) == b"reading"
     finally:
         broker.stop()
-        gc.collect()  # so that amqtt's leaked sockets are reported here, under the filter
+        gc.collect()  # a socket left open would be reported now, as an error
 
 
 def test_embedded_postgres_serves_and_stops(tmp_path):
