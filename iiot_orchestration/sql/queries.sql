@@ -60,3 +60,42 @@ WITH device AS (
       FROM device
 )
 SELECT device_id FROM device
+
+-- name: create_telemetry_staging
+CREATE TEMP TABLE IF NOT EXISTS telemetry_staging (
+    tenant_id integer, device_id integer, metric text, ts timestamptz,
+    value double precision, received_at timestamptz
+) ON COMMIT DELETE ROWS
+
+-- name: copy_telemetry_staging
+COPY telemetry_staging (tenant_id, device_id, metric, ts, value, received_at)
+FROM STDIN (FORMAT BINARY)
+
+-- name: land_telemetry_staging
+-- Re-delivered readings hit the primary key and are skipped. Hours before the current one may
+-- already be rolled up, so the readings that land there mark their (tenant, hour) dirty.
+WITH landed AS (
+    INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)
+    SELECT tenant_id, device_id, metric, ts, value, received_at FROM telemetry_staging
+    ON CONFLICT DO NOTHING
+    RETURNING tenant_id, ts
+), seen AS (
+    UPDATE devices d SET last_seen = greatest(d.last_seen, s.received_at)
+      FROM (SELECT device_id, max(received_at) AS received_at
+              FROM telemetry_staging GROUP BY device_id) s
+     WHERE d.device_id = s.device_id
+), dirty AS (
+    INSERT INTO dirty_windows (tenant_id, window_start)
+    SELECT DISTINCT tenant_id, date_trunc('hour', ts, 'UTC') FROM landed
+     WHERE ts < date_trunc('hour', %(now)s::timestamptz, 'UTC')
+    ON CONFLICT (tenant_id, window_start) DO UPDATE SET last_marked_at = now()
+)
+SELECT count(*) FROM landed
+
+-- name: staged_days
+SELECT min(ts AT TIME ZONE 'UTC')::date, max(ts AT TIME ZONE 'UTC')::date FROM telemetry_staging
+
+-- name: copy_dead_letters
+COPY dead_letters (received_at, topic, mac, tenant_id, device_id, reason, detail, payload,
+                   payload_size, payload_truncated)
+FROM STDIN

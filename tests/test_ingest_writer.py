@@ -1,0 +1,95 @@
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from iiot_orchestration import registry
+from ingest_daemon.validation import Reading, Rejection
+from ingest_daemon.writer import BatchWriter, DeadLetter
+
+NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+
+
+@pytest.fixture
+def device(conn):
+    tenant = registry.create_tenant(conn, slug="acme", name="Acme", plan="pro", timezone="UTC")
+    [result] = registry.provision_devices(
+        conn, "acme", [registry.DeviceRequest("aa:bb:cc:00:00:01", "energy")]
+    )
+    return tenant.tenant_id, result.device_id
+
+
+@pytest.fixture
+def writer(database_url):
+    with psycopg.connect(database_url) as conn:
+        yield BatchWriter(conn)
+
+
+def readings(device, *times, metric="energy_kwh"):
+    tenant_id, device_id = device
+    return [
+        (Reading(tenant_id, device_id, metric, ts, float(i)), NOW) for i, ts in enumerate(times)
+    ]
+
+
+def test_batch_lands_marks_last_seen_and_dirty_past_hours(conn, device, writer):
+    batch = readings(device, NOW, NOW - timedelta(hours=2), NOW - timedelta(hours=2, minutes=5))
+    result = writer.write(batch, [], now=NOW)
+    assert (result.landed, result.duplicates, result.dead_letters) == (3, 0, 0)
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 3
+    assert conn.execute("SELECT last_seen FROM devices").fetchone()[0] == NOW
+    dirty = [r[0] for r in conn.execute("SELECT window_start FROM dirty_windows")]
+    assert dirty == [(NOW - timedelta(hours=2)).replace(minute=0)]
+
+
+def test_redelivered_readings_land_once(conn, device, writer):
+    batch = readings(device, NOW - timedelta(minutes=1), NOW - timedelta(minutes=2))
+    assert writer.write(batch, [], now=NOW).landed == 2
+    again = writer.write(batch + batch, [], now=NOW)
+    assert (again.landed, again.duplicates) == (0, 4)
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 2
+
+
+def test_dead_letters_keep_the_payload_truncated_past_the_limit(conn, database_url, device):
+    letters = [
+        DeadLetter(
+            NOW,
+            "iiot/devices/x/telemetry",
+            None,
+            None,
+            None,
+            Rejection("topic_mismatch", "bad topic", b"\x00\xffbinary"),
+        ),
+        DeadLetter(
+            NOW,
+            "iiot/devices/aa:bb:cc:00:00:01/telemetry",
+            "aa:bb:cc:00:00:01",
+            *device,
+            Rejection("too_large", "big", b"x" * 100),
+        ),
+    ]
+    with psycopg.connect(database_url) as other:
+        result = BatchWriter(other, keep_payload_bytes=10).write([], letters, now=NOW)
+    assert result.dead_letters == 2
+    rows = conn.execute(
+        "SELECT reason, payload, payload_size, payload_truncated, tenant_id FROM dead_letters"
+        " ORDER BY dead_letter_id"
+    ).fetchall()
+    assert rows == [
+        ("topic_mismatch", b"\x00\xffbinary", 8, False, None),
+        ("too_large", b"x" * 10, 100, True, device[0]),
+    ]
+
+
+def test_a_day_without_partition_is_created_on_demand(conn, device, writer):
+    old = NOW - timedelta(days=40)
+    assert writer.write(readings(device, old), [], now=NOW).landed == 1
+    assert conn.execute("SELECT ts FROM telemetry").fetchone()[0] == old
+
+
+def test_a_failing_batch_commits_nothing(conn, device, writer):
+    bad_letter = DeadLetter(NOW, "t", None, None, None, Rejection("NOT A REASON", "", b""))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        writer.write(readings(device, NOW), [bad_letter], now=NOW)
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 0
+    assert writer.write(readings(device, NOW), [], now=NOW).landed == 1  # usable afterwards
