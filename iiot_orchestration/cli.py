@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -335,6 +337,92 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
                 for d in found
             ],
         )
+    )
+
+
+@main.command("simulate")
+@click.option(
+    "--devices",
+    "limit",
+    type=click.IntRange(1),
+    default=None,
+    help="Simulate at most this many provisioned devices [default: all active].",
+)
+@click.option("--tenant", help="Only this tenant's devices.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.001),
+    default=1.0,
+    show_default=True,
+    help="Messages per second per device.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    default=None,
+    help="Stop after this many messages per device.",
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=0.1), default=None, help="Stop after this many seconds."
+)
+@click.option(
+    "--batch",
+    "batch_size",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="Readings per message (a batch payload when more than 1).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the meter models.")
+@friendly_errors
+def simulate_command(
+    limit: int | None,
+    tenant: str | None,
+    rate: float,
+    count: int | None,
+    duration: float | None,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Publish realistic meter readings for provisioned devices until Ctrl-C, --count or
+    --duration. Cumulative registers (kWh, m3) only grow; gauges follow a daily shape."""
+    from firmware.simulator import load_fleet, run_simulation
+
+    settings = _settings()
+    if not settings.mqtt_url:
+        raise click.UsageError("IIOT_MQTT_URL is not set: expected mqtt://host:port")
+    fleet = load_fleet(settings.require_database_url(), tenant=tenant, limit=limit)
+    if not fleet:
+        raise registry.RegistryError("no active devices to simulate: provision some first")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(
+        f"Simulating {len(fleet)} devices at {rate:g} messages/s each to "
+        f"{settings.mqtt_url} under {settings.topic_prefix}/ (Ctrl-C stops)"
+    )
+    try:
+        stats = run_simulation(
+            fleet,
+            settings.mqtt_url,
+            prefix=settings.topic_prefix,
+            rate=rate,
+            count=count,
+            duration=duration,
+            batch_size=batch_size,
+            seed=seed,
+            stop=stop,
+            progress=lambda s: click.echo(
+                f"\r{s.published:,} published, {s.acknowledged:,} acknowledged", nl=False
+            ),
+        )
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(
+        f"\nDone: {stats.published:,} messages published, {stats.acknowledged:,} "
+        f"acknowledged by the broker, {stats.devices} devices, {stats.seconds:.1f} s."
     )
 
 

@@ -43,6 +43,8 @@ class Device:
     status: str
     metrics: frozenset[str]
     retention_days: int
+    messages_per_minute: int = 60
+    hard_block: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 from click.testing import CliRunner
@@ -152,3 +153,45 @@ def test_console_script_runs_as_a_process(cli_env):
     )
     assert result.returncode == 0, result.stderr
     assert "Nothing to migrate" in result.stdout
+
+
+def test_simulate_publishes_for_provisioned_devices(run, mqtt_url, monkeypatch):
+    import queue
+    import uuid
+    from urllib.parse import urlsplit
+
+    import paho.mqtt.client as mqtt
+
+    prefix = f"clisim{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("IIOT_MQTT_URL", mqtt_url)
+    monkeypatch.setenv("IIOT_TOPIC_PREFIX", prefix)
+    run("tenants", "create", "acme", "--name", "Acme")
+    run("devices", "provision", "--tenant", "acme", "--mac", "aa:bb:cc:00:00:01", "--kind", "gas")
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    subscribed = threading.Event()
+    client.on_message = lambda _c, _u, message: received.put(message.topic)
+    client.on_subscribe = lambda *_: subscribed.set()
+    parts = urlsplit(mqtt_url)
+    client.connect(parts.hostname, parts.port)
+    client.subscribe(f"{prefix}/devices/+/telemetry", qos=1)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        result = run("simulate", "--count", "3", "--rate", "20")
+        assert result.exit_code == 0, result.output
+        assert "Done: 3 messages published, 3 acknowledged" in result.output
+        topics = [received.get(timeout=10) for _ in range(3)]
+        assert set(topics) == {f"{prefix}/devices/aa:bb:cc:00:00:01/telemetry"}
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_simulate_needs_a_broker_and_devices(run, monkeypatch):
+    monkeypatch.delenv("IIOT_MQTT_URL", raising=False)
+    assert run("simulate", "--count", "1").exit_code == 2
+    monkeypatch.setenv("IIOT_MQTT_URL", "mqtt://127.0.0.1:1883")
+    result = run("simulate", "--count", "1")
+    assert result.exit_code == 1
+    assert "no active devices to simulate" in result.output

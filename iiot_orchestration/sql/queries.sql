@@ -99,3 +99,14 @@ SELECT min(ts AT TIME ZONE 'UTC')::date, max(ts AT TIME ZONE 'UTC')::date FROM t
 COPY dead_letters (received_at, topic, mac, tenant_id, device_id, reason, detail, payload,
                    payload_size, payload_truncated)
 FROM STDIN
+
+-- name: ingest_registry
+SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
+       coalesce(array_agg(m.metric) FILTER (WHERE m.metric IS NOT NULL), '{}') AS metrics,
+       coalesce(t.retention_days, p.retention_days) AS retention_days,
+       p.messages_per_minute_per_device, p.hard_block, t.status AS tenant_status
+  FROM devices d
+  JOIN tenants t USING (tenant_id)
+  JOIN plans p USING (plan_id)
+  LEFT JOIN device_metrics m USING (device_id)
+ GROUP BY d.device_id, t.tenant_id, p.plan_id
