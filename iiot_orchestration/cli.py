@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -338,6 +339,94 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
             ],
         )
     )
+
+
+@main.command("ingest")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes on the shared subscription, slots 0..N-1.",
+)
+@click.option(
+    "--slot",
+    type=click.IntRange(0, 63),
+    default=0,
+    show_default=True,
+    help="This process's slot: its MQTT client id is <group>-<slot>.",
+)
+@click.option(
+    "--group",
+    default="iiot-ingest",
+    show_default=True,
+    help="Shared-subscription group; also the client id prefix.",
+)
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(1, 1_000_000),
+    default=5_000,
+    show_default=True,
+    help="Flush a batch at this many readings.",
+)
+@click.option(
+    "--batch-age-ms",
+    type=click.IntRange(1, 60_000),
+    default=200,
+    show_default=True,
+    help="Flush a batch at this age.",
+)
+@friendly_errors
+def ingest_command(
+    processes: int, slot: int, group: str, batch_rows: int, batch_age_ms: int
+) -> None:
+    """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
+    acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
+    from ingest_daemon.daemon import IngestConfig, IngestDaemon
+
+    settings = _settings()
+    if not settings.mqtt_url:
+        raise click.UsageError("IIOT_MQTT_URL is not set: expected mqtt://host:port")
+    if processes > 1:
+        sys.exit(_run_slots(processes, group, batch_rows, batch_age_ms))
+    config = IngestConfig(
+        database_url=settings.require_database_url(),
+        mqtt_url=settings.mqtt_url,
+        prefix=settings.topic_prefix,
+        group=group,
+        slot=slot,
+        batch_rows=batch_rows,
+        batch_age_s=batch_age_ms / 1000,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
+    counters = IngestDaemon(config).run(stop)
+    click.echo(
+        f"Stopped: {counters.received:,} messages, {counters.landed:,} readings landed, "
+        f"{counters.duplicates:,} duplicates, {counters.dead_letters:,} dead letters."
+    )
+
+
+def _run_slots(processes: int, group: str, batch_rows: int, batch_age_ms: int) -> int:
+    """N ingest processes with stable slots; signals are passed on, and all are waited for."""
+    command = [
+        sys.executable,
+        "-m",
+        "iiot_orchestration.cli",
+        "ingest",
+        "--group",
+        group,
+        "--batch-rows",
+        str(batch_rows),
+        "--batch-age-ms",
+        str(batch_age_ms),
+    ]
+    children = [subprocess.Popen([*command, "--slot", str(n)]) for n in range(processes)]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: [c.send_signal(signum) for c in children])
+    return max(child.wait() for child in children)
 
 
 @main.command("simulate")

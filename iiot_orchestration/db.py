@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -22,16 +23,15 @@ class DatabaseUnavailable(IiotError):
     """The database could not be reached; the message names the (password-masked) URL."""
 
 
-@contextmanager
-def connect(
+def open_connection(
     database_url: str,
     *,
     autocommit: bool = False,
     application_name: str = "iiot",
     role: str | None = None,
     connect_timeout: int = 10,
-) -> Iterator[psycopg.Connection]:
-    """A connection that commits on success and rolls back on error, optionally as ``role``."""
+) -> psycopg.Connection:
+    """A new connection, optionally as ``role``; the caller closes it."""
     if role is not None and role not in APP_ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(APP_ROLES)}")
     try:
@@ -46,11 +46,17 @@ def connect(
         raise DatabaseUnavailable(
             f"cannot connect to {mask_password(database_url)}: {reason}"
         ) from exc
-    with conn:
-        if role is not None:
-            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-            if not autocommit:
-                conn.commit()
+    if role is not None:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        if not autocommit:
+            conn.commit()
+    return conn
+
+
+@contextmanager
+def connect(database_url: str, **options: Any) -> Iterator[psycopg.Connection]:
+    """A connection that commits on success and rolls back on error (see open_connection)."""
+    with open_connection(database_url, **options) as conn:
         yield conn
 
 

@@ -8,7 +8,7 @@ import time
 
 import psycopg
 
-from iiot_orchestration.db import connect, query
+from iiot_orchestration.db import DatabaseUnavailable, connect, query
 from ingest_daemon.validation import Device
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RegistryCache:
                         if changed or time.monotonic() >= next_refresh:
                             self.reload()
                             next_refresh = time.monotonic() + self.refresh_seconds
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseUnavailable) as exc:
                 log.warning(
                     "registry cache lost its database connection; retrying",
                     extra={"error": str(exc)[:200]},

@@ -58,6 +58,7 @@ class BatchWriter:
         self.conn = conn
         self.keep = keep_payload_bytes
         self.conn.execute(query("create_telemetry_staging"))
+        self.conn.execute(query("create_dead_letter_staging"))
         self.conn.commit()
 
     def write(
@@ -72,9 +73,10 @@ class BatchWriter:
         with conn.transaction():
             landed = self._land(readings, now) if readings else 0
             if dead_letters:
-                with conn.cursor().copy(query("copy_dead_letters")) as copy:
+                with conn.cursor().copy(query("copy_dead_letter_staging")) as copy:
                     for letter in dead_letters:
                         copy.write_row(letter.row(self.keep))
+                conn.execute(query("land_dead_letter_staging"))
         return BatchResult(landed, len(readings) - landed, len(dead_letters))
 
     def _land(self, readings: list[tuple[Reading, datetime]], now: datetime) -> int:

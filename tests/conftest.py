@@ -16,9 +16,11 @@ from psycopg import sql
 
 from iiot_orchestration import migrate
 from iiot_orchestration.services import (
+    Broker,
     port_open,
     start_broker,
     start_embedded_postgres,
+    start_mosquitto,
 )
 from iiot_orchestration.settings import to_url
 from iiot_orchestration.storage import TIMESCALE_MISSING, timescale_support
@@ -162,6 +164,14 @@ def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.url
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def ingest_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of the test's own, with the project's configuration, on a free port."""
+    running = start_mosquitto(tmp_path / "mosquitto")
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import psycopg
 import pytest
 
 from iiot_orchestration import registry
+from iiot_orchestration.db import connect
 from ingest_daemon.validation import Reading, Rejection
 from ingest_daemon.writer import BatchWriter, DeadLetter
 
@@ -21,7 +22,7 @@ def device(conn):
 
 @pytest.fixture
 def writer(database_url):
-    with psycopg.connect(database_url) as conn:
+    with connect(database_url, role="platform_rw") as conn:
         yield BatchWriter(conn)
 
 
@@ -68,7 +69,7 @@ def test_dead_letters_keep_the_payload_truncated_past_the_limit(conn, database_u
             Rejection("too_large", "big", b"x" * 100),
         ),
     ]
-    with psycopg.connect(database_url) as other:
+    with connect(database_url, role="platform_rw") as other:
         result = BatchWriter(other, keep_payload_bytes=10).write([], letters, now=NOW)
     assert result.dead_letters == 2
     rows = conn.execute(

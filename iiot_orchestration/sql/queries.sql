@@ -95,10 +95,24 @@ SELECT count(*) FROM landed
 -- name: staged_days
 SELECT min(ts AT TIME ZONE 'UTC')::date, max(ts AT TIME ZONE 'UTC')::date FROM telemetry_staging
 
--- name: copy_dead_letters
-COPY dead_letters (received_at, topic, mac, tenant_id, device_id, reason, detail, payload,
-                   payload_size, payload_truncated)
+-- name: create_dead_letter_staging
+-- COPY cannot target a table under row-level security, so dead letters are staged too.
+CREATE TEMP TABLE IF NOT EXISTS dead_letter_staging (
+    received_at timestamptz, topic text, mac macaddr, tenant_id integer, device_id integer,
+    reason text, detail text, payload bytea, payload_size integer, payload_truncated boolean
+) ON COMMIT DELETE ROWS
+
+-- name: copy_dead_letter_staging
+COPY dead_letter_staging (received_at, topic, mac, tenant_id, device_id, reason, detail, payload,
+                          payload_size, payload_truncated)
 FROM STDIN
+
+-- name: land_dead_letter_staging
+INSERT INTO dead_letters (received_at, topic, mac, tenant_id, device_id, reason, detail, payload,
+                          payload_size, payload_truncated)
+SELECT received_at, topic, mac, tenant_id, device_id, reason, detail, payload, payload_size,
+       payload_truncated
+  FROM dead_letter_staging
 
 -- name: ingest_registry
 SELECT d.mac::text, d.device_id, d.tenant_id, d.status,

@@ -1,0 +1,149 @@
+"""The ingest loop against a real Mosquitto (started with the project's configuration) and
+PostgreSQL."""
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+
+from ingest_daemon.daemon import IngestConfig, IngestDaemon
+from tests.ingest_helpers import MAC, count, provision, wait_for
+
+
+@pytest.fixture
+def publisher(ingest_broker):
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(ingest_broker.host, ingest_broker.port)
+    client.loop_start()
+    yield client
+    client.loop_stop()
+    client.disconnect()
+
+
+def reading(minutes_ago: int, value: float) -> bytes:
+    ts = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
+    return orjson.dumps({"ts": ts, "metrics": {"energy_kwh": value}})
+
+
+def publish_all(client, messages):
+    for topic, payload in messages:
+        client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+
+class Running:
+    def __init__(self, database_url, broker, group):
+        self.stop = threading.Event()
+        self.daemon = IngestDaemon(
+            IngestConfig(
+                database_url=database_url, mqtt_url=broker.url, group=group, batch_age_s=0.05
+            )
+        )
+        self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,))
+        self.thread.start()
+        assert self.daemon.connected.wait(15)  # set on the SUBACK
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        return self.daemon.counters
+
+
+def test_stream_lands_valid_readings_and_dead_letters_the_rest(
+    conn, database_url, ingest_broker, publisher
+):
+    provision(conn)
+    topic = f"iiot/devices/{MAC}/telemetry"
+    good = [(topic, reading(i, 1000 + i)) for i in range(1, 41)]
+    bad = [
+        (topic, b"\x00\xff garbage"),
+        (topic, b'{"ts": "2026-11-22T10:00:00Z", "metrics": {"energy_kwh": NaN}}'),
+        ("iiot/devices/02:00:00:00:00:99/telemetry", reading(1, 1)),
+        (topic, b"[" * 3000),
+        (topic, orjson.dumps({"ts": "now", "metrics": {"energy_kwh": 1}})),
+        (
+            topic,
+            orjson.dumps(
+                {
+                    "ts": datetime.now(UTC).isoformat(),
+                    "metrics": {"robert'); DROP TABLE students;--": 1},
+                }
+            ),
+        ),
+    ]
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    try:
+        publish_all(publisher, good[:20] + bad + good[20:] + good[:5])  # 5 re-deliveries
+        assert wait_for(lambda: count(conn, "telemetry") == 40 and count(conn, "dead_letters") == 6)
+    finally:
+        counters = running.finish()
+    assert counters.received == 40 + 6 + 5
+    assert (counters.landed, counters.duplicates, counters.dead_letters) == (40, 5, 6)
+    reasons = sorted(r[0] for r in conn.execute("SELECT reason FROM dead_letters"))
+    assert reasons == [
+        "bad_timestamp",
+        "malformed_json",
+        "malformed_json",
+        "malformed_json",
+        "unknown_device",
+        "unknown_metric",
+    ]
+    assert conn.execute("SELECT last_seen IS NOT NULL FROM devices").fetchone()[0]
+
+
+def test_messages_sent_while_stopped_arrive_after_restart(
+    conn, database_url, ingest_broker, publisher
+):
+    provision(conn)
+    group = f"g{uuid.uuid4().hex[:6]}"
+    Running(database_url, ingest_broker, group).finish()  # the persistent session now exists
+    publish_all(publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 11)])
+    running = Running(database_url, ingest_broker, group)
+    try:
+        assert wait_for(lambda: count(conn, "telemetry") == 10)
+    finally:
+        running.finish()
+
+
+@pytest.mark.parametrize(("plan", "landed", "limited"), [("starter", 6, 4), ("enterprise", 10, 0)])
+def test_message_rate_quota(conn, database_url, ingest_broker, publisher, plan, landed, limited):
+    provision(conn, plan)
+    conn.execute("UPDATE plans SET messages_per_minute_per_device = 6")
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    try:
+        publish_all(
+            publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 11)]
+        )
+        assert wait_for(lambda: count(conn, "telemetry") + count(conn, "dead_letters") == 10)
+    finally:
+        counters = running.finish()
+    assert count(conn, "telemetry") == landed
+    assert count(conn, "dead_letters", "reason = 'rate_limited'") == limited
+    assert counters.overage == (4 if plan == "enterprise" else 0)
+
+
+def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publisher, pg_server):
+    provision(conn)
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    try:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name LIKE 'iiot-ingest%%'",
+                (name,),
+            )
+            publish_all(
+                publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 21)]
+            )
+            time.sleep(1.5)  # the daemon meets the outage and retries
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        assert wait_for(lambda: count(conn, "telemetry") == 20)
+    finally:
+        running.finish()
