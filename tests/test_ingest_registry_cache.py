@@ -1,9 +1,8 @@
-import time
-
 import pytest
 
 from iiot_orchestration import registry
 from ingest_daemon.registry_cache import RegistryCache
+from tests.ingest_helpers import wait_for
 
 
 @pytest.fixture
@@ -13,15 +12,6 @@ def tenant(conn):
     )
     registry.provision_devices(conn, "acme", [registry.DeviceRequest("aa:bb:cc:00:00:01", "gas")])
     return "acme"
-
-
-def wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_cache_holds_devices_with_metrics_retention_and_plan(database_url, tenant):
@@ -45,12 +35,12 @@ def test_changes_reach_a_running_cache(conn, database_url, tenant):
     cache.start()
     try:
         registry.provision_devices(conn, "acme", [registry.DeviceRequest("aabbcc000002", "water")])
-        assert wait_until(lambda: cache.get("aa:bb:cc:00:00:02") is not None)
+        assert wait_for(lambda: cache.get("aa:bb:cc:00:00:02") is not None)
         conn.execute("UPDATE devices SET status = 'inactive' WHERE mac = 'aa:bb:cc:00:00:01'")
-        assert wait_until(lambda: cache.get("aa:bb:cc:00:00:01").status == "inactive")
+        assert wait_for(lambda: cache.get("aa:bb:cc:00:00:01").status == "inactive")
         conn.execute(
             "UPDATE plans SET messages_per_minute_per_device = 7 WHERE plan_id = 'starter'"
         )
-        assert wait_until(lambda: cache.get("aa:bb:cc:00:00:02").messages_per_minute == 7)
+        assert wait_for(lambda: cache.get("aa:bb:cc:00:00:02").messages_per_minute == 7)
     finally:
         cache.stop()
