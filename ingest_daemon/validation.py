@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -89,6 +90,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
+@lru_cache(maxsize=65_536)  # a device always publishes on the same topic
 def mac_from_topic(topic: str, prefix: str) -> str | None:
     """The canonical MAC of ``<prefix>/devices/{mac}/telemetry``, or None if it is not one."""
     head, tail = f"{prefix}/devices/", "/telemetry"

@@ -1,0 +1,227 @@
+"""Ingest throughput, every row against the same Mosquitto and database server in one run.
+
+Each consumer's messages are queued in the broker while it is offline (persistent session), so
+the rows measure how fast each consumer drains them, not how fast one publisher can publish.
+
+- bare receive: a paho subscriber that only counts (the ceiling for a Python MQTT consumer);
+- `iiot ingest`, 1 and 2 processes: from the first publish to the last row committed;
+- naive: insert and commit each message on its own (the seeds' first design).
+Each row also checks that nothing was lost.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from benchmarks.common import scratch_database
+from iiot_orchestration import registry
+from iiot_orchestration.services import start_mosquitto
+
+DEVICES = 100
+MESSAGES = int(os.environ.get("IIOT_BENCH_MESSAGES", "40000"))
+NAIVE_MESSAGES = MESSAGES // 8
+TOPIC = "iiot/devices/+/telemetry"
+
+
+def macs() -> list[str]:
+    return [f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(DEVICES)]
+
+
+def payloads(total: int) -> list[tuple[str, bytes]]:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    devices = macs()
+    return [
+        (
+            f"iiot/devices/{devices[i % DEVICES]}/telemetry",
+            orjson.dumps(
+                {
+                    "ts": (start + timedelta(milliseconds=i)).isoformat(),
+                    "metrics": {"energy_kwh": float(i)},
+                }
+            ),
+        )
+        for i in range(total)
+    ]
+
+
+def prepare(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        registry.create_tenant(conn, slug="bench", name="Bench", plan="enterprise", timezone="UTC")
+        conn.execute("UPDATE plans SET messages_per_minute_per_device = 100000000")
+        registry.provision_devices(
+            conn, "bench", [registry.DeviceRequest(mac, "energy") for mac in macs()]
+        )
+
+
+def publish(broker, messages) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.loop_stop()
+    client.disconnect()
+
+
+def subscriber(broker, client_id: str, on_message, topic: str) -> mqtt.Client:
+    """A persistent-session subscriber; connecting it once creates the session."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=client_id
+    )
+    client.on_message = on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 3600
+    client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    subscribed.wait(10)
+    return client
+
+
+def close(client: mqtt.Client) -> None:
+    client.loop_stop()
+    client.disconnect()
+
+
+def drain_with_paho(broker, messages, handle) -> tuple[float, int]:
+    """Queue every message in the broker for an offline session, then time the drain."""
+    client_id = f"bench-{uuid.uuid4().hex[:6]}"
+    received = 0
+    done = threading.Event()
+
+    def on_message(_c, _u, message):
+        nonlocal received
+        handle(message)
+        received += 1
+        if received == len(messages):
+            done.set()
+
+    close(subscriber(broker, client_id, lambda *_: None, TOPIC))
+    publish(broker, messages)
+    started = time.perf_counter()
+    client = subscriber(broker, client_id, on_message, TOPIC)
+    done.wait(600)
+    elapsed = time.perf_counter() - started
+    close(client)
+    return elapsed, received
+
+
+def bare_receive(broker, messages) -> tuple[float, int]:
+    return drain_with_paho(broker, messages, lambda _message: None)
+
+
+def rows(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
+
+
+def daemon(broker, messages, processes: int) -> tuple[float, int]:
+    """Queue every message for the daemon's offline sessions, start it, and time from its first
+    committed row to its last (process start-up is not ingest)."""
+    with scratch_database() as url:
+        prepare(url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+        env.update(
+            IIOT_DATABASE_URL=url,
+            IIOT_MQTT_URL=broker.url,
+            IIOT_DATA_DIR=tempfile.mkdtemp(),
+            IIOT_LOG_LEVEL="WARNING",
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "iiot_orchestration.cli",
+            "ingest",
+            "--group",
+            f"bench{uuid.uuid4().hex[:6]}",
+            "--processes",
+            str(processes),
+        ]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+        time.sleep(3 + processes)  # the sessions and the shared subscription now exist
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
+        publish(broker, messages)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+        deadline = time.perf_counter() + 600
+        while (landed := rows(url)) == 0 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        started, at_start = time.perf_counter(), landed
+        while (landed := rows(url)) < len(messages) and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        # rate over the rows committed after the first batch, scaled to the whole stream
+        return elapsed * len(messages) / max(len(messages) - at_start, 1), landed
+
+
+def naive(broker, messages) -> tuple[float, int]:
+    with scratch_database() as url:
+        prepare(url)
+        with psycopg.connect(url) as conn:
+            devices = dict(conn.execute("SELECT mac::text, device_id FROM devices").fetchall())
+        conn = psycopg.connect(url)
+
+        def insert(message):
+            mac = message.topic.split("/")[2]
+            body = orjson.loads(message.payload)
+            for metric, value in body["metrics"].items():
+                conn.execute(
+                    "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value)"
+                    " VALUES (1, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (devices[mac], metric, body["ts"], value),
+                )
+            conn.commit()
+
+        elapsed, _ = drain_with_paho(broker, messages, insert)
+        conn.close()
+        return elapsed, rows(url)
+
+
+def main() -> None:
+    messages = payloads(MESSAGES)
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = start_mosquitto(Path(tmp) / "mosquitto")
+        try:
+            results = [
+                ("bare paho receive (baseline)", *bare_receive(broker, messages), len(messages)),
+                ("iiot ingest, 1 process", *daemon(broker, messages, 1), len(messages)),
+                ("iiot ingest, 2 processes", *daemon(broker, messages, 2), len(messages)),
+                (
+                    "naive insert per message",
+                    *naive(broker, messages[:NAIVE_MESSAGES]),
+                    NAIVE_MESSAGES,
+                ),
+            ]
+        finally:
+            broker.stop()
+    baseline = results[0][3] / results[0][1]
+    print(f"{'case':<32}{'messages':>10}{'seconds':>9}{'msg/s':>9}{'x bare':>8}{'lost':>6}")
+    for case, seconds, landed, sent in results:
+        rate = sent / seconds
+        print(
+            f"{case:<32}{sent:>10,}{seconds:>9.2f}{rate:>9,.0f}{rate / baseline:>8.2f}"
+            f"{sent - landed:>6}"
+        )
+    daemon_rate = results[1][3] / results[1][1]
+    naive_rate = results[3][3] / results[3][1]
+    print(f"iiot ingest (1 process) / naive: {daemon_rate / naive_rate:.1f} x")
