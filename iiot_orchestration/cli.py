@@ -376,9 +376,28 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     show_default=True,
     help="Flush a batch at this age.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9108,
+    show_default=True,
+    help="Port of /metrics and /health/* plus the slot number; 0 turns them off.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface of /metrics and /health/* (0.0.0.0 for a remote Prometheus).",
+)
 @friendly_errors
 def ingest_command(
-    processes: int, slot: int, group: str, batch_rows: int, batch_age_ms: int
+    processes: int,
+    slot: int,
+    group: str,
+    batch_rows: int,
+    batch_age_ms: int,
+    metrics_port: int,
+    metrics_host: str,
 ) -> None:
     """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
     acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
@@ -388,7 +407,19 @@ def ingest_command(
     if not settings.mqtt_url:
         raise click.UsageError("IIOT_MQTT_URL is not set: expected mqtt://host:port")
     if processes > 1:
-        sys.exit(_run_slots(processes, group, batch_rows, batch_age_ms))
+        options = [
+            "--group",
+            group,
+            "--batch-rows",
+            str(batch_rows),
+            "--batch-age-ms",
+            str(batch_age_ms),
+            "--metrics-port",
+            str(metrics_port),
+            "--metrics-host",
+            metrics_host,
+        ]
+        sys.exit(_run_slots(processes, options))
     config = IngestConfig(
         database_url=settings.require_database_url(),
         mqtt_url=settings.mqtt_url,
@@ -397,6 +428,8 @@ def ingest_command(
         slot=slot,
         batch_rows=batch_rows,
         batch_age_s=batch_age_ms / 1000,
+        metrics_port=metrics_port + slot if metrics_port else None,
+        metrics_host=metrics_host,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -409,20 +442,9 @@ def ingest_command(
     )
 
 
-def _run_slots(processes: int, group: str, batch_rows: int, batch_age_ms: int) -> int:
+def _run_slots(processes: int, options: list[str]) -> int:
     """N ingest processes with stable slots; signals are passed on, and all are waited for."""
-    command = [
-        sys.executable,
-        "-m",
-        "iiot_orchestration.cli",
-        "ingest",
-        "--group",
-        group,
-        "--batch-rows",
-        str(batch_rows),
-        "--batch-age-ms",
-        str(batch_age_ms),
-    ]
+    command = [sys.executable, "-m", "iiot_orchestration.cli", "ingest", *options]
     children = [subprocess.Popen([*command, "--slot", str(n)]) for n in range(processes)]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: [c.send_signal(signum) for c in children])

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -22,9 +23,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from iiot_orchestration.db import DatabaseUnavailable, open_connection
+from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import DEFAULT_LIMITS, Device, Limits, Reading, Rejection, validate
-from ingest_daemon.writer import BatchWriter, DeadLetter
+from ingest_daemon.writer import BatchResult, BatchWriter, DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class IngestConfig:
     queue_messages: int = 20_000
     session_expiry_s: int = 7 * 24 * 3600
     limits: Limits = DEFAULT_LIMITS
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def client_id(self) -> str:
@@ -98,6 +102,12 @@ class IngestDaemon:
         self.connected = threading.Event()
         self._client: mqtt.Client | None = None
         self._writer: BatchWriter | None = None
+        self.metrics = IngestMetrics()
+        self.http: ThreadingHTTPServer | None = None
+
+    def ready(self) -> bool:
+        """Subscribed to the broker and able to commit to the database."""
+        return self.connected.is_set() and self._writer is not None
 
     def _on_message(
         self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage
@@ -116,10 +126,12 @@ class IngestDaemon:
 
     def _on_subscribe(self, *_args: object) -> None:
         self.connected.set()
+        self.metrics.broker_connected.set(1)
         log.info("subscribed", extra={"subscription": self.config.subscription})
 
     def _on_disconnect(self, *_args: object) -> None:
         self.connected.clear()
+        self.metrics.broker_connected.set(0)
 
     def _connect(self) -> mqtt.Client:
         parts = urlsplit(self.config.mqtt_url)
@@ -147,7 +159,12 @@ class IngestDaemon:
 
     def run(self, stop: threading.Event) -> Counters:
         """Ingest until ``stop`` is set; then drain, flush, acknowledge and disconnect."""
+        if self.config.metrics_port is not None:
+            self.http = serve(
+                self.metrics, self.config.metrics_port, self.ready, self.config.metrics_host
+            )
         self.registry.start()
+        self._open_writer()
         self.accepting.set()
         self._client = client = self._connect()
         try:
@@ -158,6 +175,9 @@ class IngestDaemon:
             self.registry.stop()
             if self._writer is not None:
                 self._writer.conn.close()
+            if self.http is not None:
+                self.http.shutdown()
+                self.http.server_close()
         log.info("ingest stopped", extra={"landed": self.counters.landed})
         return self.counters
 
@@ -167,6 +187,7 @@ class IngestDaemon:
             if stop.is_set() and self.accepting.is_set():
                 self.accepting.clear()
             wait = self.config.batch_age_s - (time.monotonic() - batch.started) if batch else 0.5
+            self.metrics.queue_depth.set(self.inbox.qsize())
             try:
                 message = self.inbox.get(timeout=max(wait, 0.0))
             except queue.Empty:
@@ -189,6 +210,7 @@ class IngestDaemon:
 
     def _judge(self, message: mqtt.MQTTMessage, batch: Batch) -> None:
         self.counters.received += 1
+        self.metrics.received.inc()
         received_at = datetime.now(UTC)
         verdict = validate(
             message.topic,
@@ -214,6 +236,7 @@ class IngestDaemon:
                 readings = []
             else:
                 self.counters.overage += 1
+                self.metrics.overage.inc()
         batch.mids.append(message.mid)
         batch.readings.extend((reading, received_at) for reading in readings)
         batch.dead_letters.extend(
@@ -231,22 +254,15 @@ class IngestDaemon:
     def _flush(self, batch: Batch) -> None:
         """Commit the batch, retrying until the database takes it, then acknowledge it."""
         delay = 0.5
+        started = time.perf_counter()
         while True:
             try:
-                if self._writer is None:
-                    self._writer = BatchWriter(
-                        open_connection(
-                            self.config.database_url,
-                            role="platform_rw",
-                            application_name=f"iiot-ingest-{self.config.slot}",
-                        )
-                    )
-                result = self._writer.write(
-                    batch.readings, batch.dead_letters, now=datetime.now(UTC)
-                )
+                writer = self._writer or self._open_writer(raise_errors=True)
+                result = writer.write(batch.readings, batch.dead_letters, now=datetime.now(UTC))
                 break
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 # keep the batch, acknowledge nothing, and let the queue fill: backpressure
+                self.metrics.database_connected.set(0)
                 log.warning(
                     "database unavailable; retrying the batch",
                     extra={"error": str(exc)[:200], "retry_in_s": delay},
@@ -262,3 +278,32 @@ class IngestDaemon:
         self.counters.landed += result.landed
         self.counters.duplicates += result.duplicates
         self.counters.dead_letters += result.dead_letters
+        self._observe(batch, result, time.perf_counter() - started)
+
+    def _open_writer(self, *, raise_errors: bool = False) -> BatchWriter | None:
+        try:
+            self._writer = BatchWriter(
+                open_connection(
+                    self.config.database_url,
+                    role="platform_rw",
+                    application_name=f"iiot-ingest-{self.config.slot}",
+                )
+            )
+        except (psycopg.OperationalError, DatabaseUnavailable):
+            if raise_errors:
+                raise
+            return None  # not ready yet; the first batch retries
+        self.metrics.database_connected.set(1)
+        return self._writer
+
+    def _observe(self, batch: Batch, result: BatchResult, seconds: float) -> None:
+        metrics = self.metrics
+        metrics.flush_seconds.observe(seconds)
+        metrics.batch_size.observe(len(batch))
+        metrics.landed.inc(result.landed)
+        metrics.duplicates.inc(result.duplicates)
+        for letter in batch.dead_letters:
+            metrics.dead_letters.labels(letter.rejection.reason).inc()
+        if batch.readings:
+            newest = max(reading.ts for reading, _ in batch.readings)
+            metrics.lag_seconds.observe(max((datetime.now(UTC) - newest).total_seconds(), 0.0))

@@ -2,7 +2,8 @@
 PostgreSQL."""
 
 import threading
-import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +12,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
+from iiot_orchestration.services import free_port
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
 from tests.ingest_helpers import MAC, count, provision, wait_for
 
@@ -36,11 +38,15 @@ def publish_all(client, messages):
 
 
 class Running:
-    def __init__(self, database_url, broker, group):
+    def __init__(self, database_url, broker, group, metrics_port=None):
         self.stop = threading.Event()
         self.daemon = IngestDaemon(
             IngestConfig(
-                database_url=database_url, mqtt_url=broker.url, group=group, batch_age_s=0.05
+                database_url=database_url,
+                mqtt_url=broker.url,
+                group=group,
+                batch_age_s=0.05,
+                metrics_port=metrics_port,
             )
         )
         self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,))
@@ -127,10 +133,44 @@ def test_message_rate_quota(conn, database_url, ingest_broker, publisher, plan, 
     assert counters.overage == (4 if plan == "enterprise" else 0)
 
 
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publisher):
+    provision(conn)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
+    try:
+        assert get(f"{base}/health/live") == (200, "live\n")
+        assert get(f"{base}/health/ready") == (200, "ready\n")
+        topic = f"iiot/devices/{MAC}/telemetry"
+        publish_all(publisher, [(topic, reading(i, i)) for i in range(1, 6)] + [(topic, b"{")])
+        assert wait_for(lambda: count(conn, "telemetry") == 5 and count(conn, "dead_letters") == 1)
+        assert wait_for(
+            lambda: "iiot_ingest_readings_landed_total 5.0" in get(f"{base}/metrics")[1]
+        )
+        status, text = get(f"{base}/metrics")
+        assert status == 200
+        assert "iiot_ingest_messages_received_total 6.0" in text
+        assert 'iiot_ingest_dead_letters_total{reason="malformed_json"} 1.0' in text
+        assert "iiot_ingest_broker_connected 1.0" in text
+        assert "iiot_ingest_lag_seconds_count" in text
+        assert get(f"{base}/nope")[0] == 404
+    finally:
+        running.finish()
+
+
 def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publisher, pg_server):
     provision(conn)
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    port = free_port()
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
     try:
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
@@ -142,8 +182,10 @@ def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publis
             publish_all(
                 publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 21)]
             )
-            time.sleep(1.5)  # the daemon meets the outage and retries
+            ready = f"http://127.0.0.1:{port}/health/ready"
+            assert wait_for(lambda: get(ready)[0] == 503)  # it met the outage and retries
             admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
         assert wait_for(lambda: count(conn, "telemetry") == 20)
+        assert get(ready)[0] == 200
     finally:
         running.finish()

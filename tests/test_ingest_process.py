@@ -77,6 +77,8 @@ def start_ingest(database_url, broker, group, tmp_path) -> subprocess.Popen:
             group,
             "--batch-age-ms",
             "50",
+            "--metrics-port",
+            "0",
         ],
         env=env,
         stdout=subprocess.PIPE,
