@@ -49,10 +49,12 @@ def publish_in_background(broker, payloads) -> threading.Thread:
     return thread
 
 
-def create_session(database_url, broker, group):
-    """Start and stop slot 0 once, so that the broker keeps its session while it is down."""
+def create_session(database_url, broker, group, slot=0):
+    """Start and stop a slot once, so that the broker keeps its session while it is down."""
     stop = threading.Event()
-    daemon = IngestDaemon(IngestConfig(database_url=database_url, mqtt_url=broker.url, group=group))
+    daemon = IngestDaemon(
+        IngestConfig(database_url=database_url, mqtt_url=broker.url, group=group, slot=slot)
+    )
     thread = threading.Thread(target=daemon.run, args=(stop,))
     thread.start()
     assert daemon.connected.wait(15)
@@ -60,7 +62,7 @@ def create_session(database_url, broker, group):
     thread.join(30)
 
 
-def start_ingest(database_url, broker, group, tmp_path) -> subprocess.Popen:
+def start_ingest(database_url, broker, group, tmp_path, slot=0) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env.update(
         IIOT_DATABASE_URL=database_url,
@@ -79,6 +81,8 @@ def start_ingest(database_url, broker, group, tmp_path) -> subprocess.Popen:
             "50",
             "--metrics-port",
             "0",
+            "--slot",
+            str(slot),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -128,3 +132,31 @@ def test_stop_mid_stream_then_restart_loses_and_doubles_nothing(
             process.communicate(timeout=60)
         publisher.join(120)
     assert process.returncode == 0
+
+
+def test_two_slots_one_killed_mid_stream_and_restarted(conn, database_url, ingest_broker, tmp_path):
+    broker = ingest_broker
+    provision(conn, "enterprise")
+    conn.execute("UPDATE plans SET messages_per_minute_per_device = 1000000")
+    group = f"g{uuid.uuid4().hex[:6]}"
+    for slot in (0, 1):
+        create_session(database_url, broker, group, slot)
+    slots = [start_ingest(database_url, broker, group, tmp_path, slot) for slot in (0, 1)]
+    publisher = publish_in_background(broker, stream(STREAM))
+    try:
+        assert wait_for(lambda: count(conn, "telemetry") >= STREAM // 4, timeout=120)
+        slots[1].send_signal(signal.SIGKILL)
+        slots[1].communicate(timeout=60)
+        publisher.join(120)
+        # slot 1's session kept receiving its share while it was down; it gets it back now
+        slots[1] = start_ingest(database_url, broker, group, tmp_path, 1)
+        assert wait_for(lambda: count(conn, "telemetry") >= STREAM, timeout=180)
+        time.sleep(0.5)  # anything re-delivered after the last count would show up as extra
+        assert_exactly_the_stream(conn, STREAM)
+    finally:
+        for process in slots:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.communicate(timeout=60)
+        publisher.join(120)
+    assert [process.returncode for process in slots] == [0, 0]

@@ -4,6 +4,7 @@ import gc
 import queue
 import shutil
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -11,6 +12,7 @@ import psycopg
 import pytest
 
 from iiot_orchestration.services import (
+    MOSQUITTO_CONF,
     ServiceError,
     ensure_database,
     start_amqtt,
@@ -84,3 +86,10 @@ def test_embedded_postgres_serves_and_stops(tmp_path):
 def test_wait_for_port_gives_up_with_a_clear_error():
     with pytest.raises(ServiceError, match="did not accept connections"):
         wait_for_port("127.0.0.1", 1, 0.3, "nothing")
+
+
+def test_test_broker_and_production_config_agree_on_not_dropping_messages():
+    production = (Path(__file__).resolve().parents[1] / "ops/mosquitto/mosquitto.conf").read_text()
+    for setting in ("max_queued_messages 0", "max_inflight_messages 0", "persistence true"):
+        assert setting in production
+        assert setting in MOSQUITTO_CONF
