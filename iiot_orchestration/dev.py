@@ -26,6 +26,7 @@ from iiot_orchestration.errors import IiotError
 from iiot_orchestration.services import (
     ServiceError,
     ensure_database,
+    free_port,
     port_open,
     start_broker,
     start_embedded_postgres,
@@ -42,6 +43,7 @@ DEMO_DEVICES = (
 )
 STARTUP_TIMEOUT_S = 180
 MQTT_PORT = ("127.0.0.1", 1883)
+DEMO_RATE = 0.2  # messages per second per demo device
 _LOCATIONS_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
     name loadStatus
@@ -71,6 +73,7 @@ class DevStack:
     dagster_database_url: str
     mqtt_url: str
     dagster_home: Path
+    mqtt5: bool = True
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
 
@@ -184,6 +187,8 @@ def run_dev_stack(
     with ExitStack() as cleanup:
         try:
             stack = _start(settings, data_dir, cleanup, echo)
+            cleanup.callback(_stop_processes, stack.processes, echo)
+            _start_ingest(settings, stack, echo)
             if dagster:
                 _start_dagster(settings, stack, cleanup, echo, stop)
             if not stop.is_set():
@@ -224,6 +229,7 @@ def _start(
     migrate.migrate(database_url, settings.storage, echo=echo)
     seed_demo(database_url, echo)
 
+    mqtt5 = True
     if settings.mqtt_url:
         mqtt_url = settings.mqtt_url
         echo(f"MQTT broker: {mqtt_url} (IIOT_MQTT_URL)")
@@ -233,7 +239,37 @@ def _start(
         cleanup.callback(broker.stop)
         mqtt_url = broker.url
         echo(f"MQTT broker: {mqtt_url} ({broker.kind})")
-    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home")
+        mqtt5 = broker.kind != "amqtt"
+    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home", mqtt5)
+
+
+def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], None]) -> None:
+    """The ingest daemon and a small simulated fleet of the demo tenant, so the demo has data."""
+    if not stack.mqtt5:
+        echo(
+            "Not starting ingest: it needs an MQTT 5 broker and amqtt speaks 3.1.1 "
+            "(install mosquitto, or set IIOT_MQTT_URL)"
+        )
+        return
+    log_dir = stack.dagster_home.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _dagster_env(settings, stack)
+    iiot = [sys.executable, "-m", "iiot_orchestration.cli"]
+    metrics_port = free_port(settings.dagster_host)
+    stack.processes["ingest"] = _spawn(
+        "ingest", [*iiot, "ingest", "--metrics-port", str(metrics_port)], env, Path.cwd(), log_dir
+    )
+    stack.processes["simulator"] = _spawn(
+        "simulator",
+        [*iiot, "simulate", "--tenant", DEMO_TENANT, "--rate", str(DEMO_RATE)],
+        env,
+        Path.cwd(),
+        log_dir,
+    )
+    echo(
+        f"Ingest daemon and a {len(DEMO_DEVICES)}-device simulated fleet started "
+        f"(metrics on http://{settings.dagster_host}:{metrics_port}/metrics)"
+    )
 
 
 def _start_dagster(
@@ -252,7 +288,6 @@ def _start_dagster(
     bin_dir = Path(sys.executable).parent
     host, port = settings.dagster_host, settings.dagster_port
     workspace = str(root / "workspace.yaml")
-    cleanup.callback(_stop_processes, stack.processes, echo)
     echo("Starting the Dagster webserver and daemon...")
     stack.processes["dagster-webserver"] = _spawn(
         "dagster-webserver",
