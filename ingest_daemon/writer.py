@@ -100,10 +100,12 @@ class BatchWriter:
         except psycopg.errors.CheckViolation as exc:
             if "no partition" not in str(exc):
                 raise
-        first, last = conn.execute(query("staged_days")).fetchone()
-        created = storage_for(conn).ensure_partitions(conn, first, last)
+        # each day on its own: one batch may hold days years apart (long retention overrides)
+        storage = storage_for(conn)
+        days = [row[0] for row in conn.execute(query("staged_days"))]
+        created = sum(storage.ensure_partitions(conn, day, day) for day in days)
         log.info(
             "created telemetry partitions for a batch",
-            extra={"first_day": str(first), "last_day": str(last), "partitions_created": created},
+            extra={"days": len(days), "partitions_created": created},
         )
         return conn.execute(query("land_telemetry_staging"), {"now": now}).fetchone()[0]

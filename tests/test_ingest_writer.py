@@ -94,3 +94,9 @@ def test_a_failing_batch_commits_nothing(conn, device, writer):
         writer.write(readings(device, NOW), [bad_letter], now=NOW)
     assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 0
     assert writer.write(readings(device, NOW), [], now=NOW).landed == 1  # usable afterwards
+
+
+def test_days_years_apart_in_one_batch_all_land(conn, device, writer):
+    conn.execute("UPDATE tenants SET retention_days = 36500")
+    batch = readings(device, NOW, NOW - timedelta(days=365 * 20), NOW - timedelta(days=400))
+    assert writer.write(batch, [], now=NOW).landed == 3

@@ -93,7 +93,7 @@ WITH landed AS (
 SELECT count(*) FROM landed
 
 -- name: staged_days
-SELECT min(ts AT TIME ZONE 'UTC')::date, max(ts AT TIME ZONE 'UTC')::date FROM telemetry_staging
+SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date AS day FROM telemetry_staging ORDER BY day
 
 -- name: create_dead_letter_staging
 -- COPY cannot target a table under row-level security, so dead letters are staged too.
