@@ -8,7 +8,6 @@ import logging
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from iiot_orchestration import __version__, migrate, registry
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.settings import Settings, SettingsError, describe, load_settings
+from iiot_orchestration.signals import stop_on_signals
 
 EXIT_USAGE = 2
 
@@ -431,11 +431,9 @@ def ingest_command(
         metrics_port=metrics_port + slot if metrics_port else None,
         metrics_host=metrics_host,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
-    counters = IngestDaemon(config).run(stop)
+    with stop_on_signals() as stop:
+        counters = IngestDaemon(config).run(stop)
     click.echo(
         f"Stopped: {counters.received:,} messages, {counters.landed:,} readings landed, "
         f"{counters.duplicates:,} duplicates, {counters.dead_letters:,} dead letters."
@@ -505,13 +503,11 @@ def simulate_command(
     fleet = load_fleet(settings.require_database_url(), tenant=tenant, limit=limit)
     if not fleet:
         raise registry.RegistryError("no active devices to simulate: provision some first")
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     click.echo(
         f"Simulating {len(fleet)} devices at {rate:g} messages/s each to "
         f"{settings.mqtt_url} under {settings.topic_prefix}/ (Ctrl-C stops)"
     )
-    try:
+    with stop_on_signals() as stop:
         stats = run_simulation(
             fleet,
             settings.mqtt_url,
@@ -526,11 +522,6 @@ def simulate_command(
                 f"\r{s.published:,} published, {s.acknowledged:,} acknowledged", nl=False
             ),
         )
-    except KeyboardInterrupt:
-        stop.set()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     click.echo(
         f"\nDone: {stats.published:,} messages published, {stats.acknowledged:,} "
         f"acknowledged by the broker, {stats.devices} devices, {stats.seconds:.1f} s."

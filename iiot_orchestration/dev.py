@@ -32,6 +32,7 @@ from iiot_orchestration.services import (
     start_embedded_postgres,
 )
 from iiot_orchestration.settings import Settings, dagster_url_for, mask_password
+from iiot_orchestration.signals import stop_on_signals
 
 DEMO_TENANT = "demo"
 DEMO_DEVICES = (
@@ -177,14 +178,11 @@ def run_dev_stack(
     settings: Settings, *, dagster: bool = True, echo: Callable[[str], None] = print
 ) -> int:
     """Start everything, wait for Ctrl-C or SIGTERM, stop everything. Returns the exit code."""
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     exit_code = 0
-    with ExitStack() as cleanup:
+    # the handlers stay until everything has stopped, so a second Ctrl-C cannot cut it short
+    with stop_on_signals() as stop, ExitStack() as cleanup:
         try:
             stack = _start(settings, data_dir, cleanup, echo)
             cleanup.callback(_stop_processes, stack.processes, echo)
@@ -205,8 +203,6 @@ def run_dev_stack(
             exit_code = 1
         finally:
             echo("Stopping...")
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     echo("Stopped.")
     return exit_code
 
