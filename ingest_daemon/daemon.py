@@ -274,10 +274,6 @@ class IngestDaemon:
                 delay = min(delay * 2, 10.0)
         for mid in batch.mids:
             self._client.ack(mid, 1)
-        self.counters.batches += 1
-        self.counters.landed += result.landed
-        self.counters.duplicates += result.duplicates
-        self.counters.dead_letters += result.dead_letters
         self._observe(batch, result, time.perf_counter() - started)
 
     def _open_writer(self, *, raise_errors: bool = False) -> BatchWriter | None:
@@ -297,7 +293,12 @@ class IngestDaemon:
         return self._writer
 
     def _observe(self, batch: Batch, result: BatchResult, seconds: float) -> None:
-        metrics = self.metrics
+        """Count a committed batch, for the caller (counters) and for Prometheus (metrics)."""
+        counters, metrics = self.counters, self.metrics
+        counters.batches += 1
+        counters.landed += result.landed
+        counters.duplicates += result.duplicates
+        counters.dead_letters += result.dead_letters
         metrics.flush_seconds.observe(seconds)
         metrics.batch_size.observe(len(batch))
         metrics.landed.inc(result.landed)
