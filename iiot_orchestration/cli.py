@@ -389,6 +389,14 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     show_default=True,
     help="Interface of /metrics and /health/* (0.0.0.0 for a remote Prometheus).",
 )
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(0, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds a stop waits for an unavailable database before leaving the rest "
+    "unacknowledged for the broker to deliver again (exit 1).",
+)
 @friendly_errors
 def ingest_command(
     processes: int,
@@ -398,6 +406,7 @@ def ingest_command(
     batch_age_ms: int,
     metrics_port: int,
     metrics_host: str,
+    stop_timeout: float,
 ) -> None:
     """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
     acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
@@ -418,6 +427,8 @@ def ingest_command(
             str(metrics_port),
             "--metrics-host",
             metrics_host,
+            "--stop-timeout",
+            str(stop_timeout),
         ]
         sys.exit(_run_slots(processes, options))
     config = IngestConfig(
@@ -430,6 +441,7 @@ def ingest_command(
         batch_age_s=batch_age_ms / 1000,
         metrics_port=metrics_port + slot if metrics_port else None,
         metrics_host=metrics_host,
+        stop_timeout_s=stop_timeout,
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:
@@ -438,6 +450,12 @@ def ingest_command(
         f"Stopped: {counters.received:,} messages, {counters.landed:,} readings landed, "
         f"{counters.duplicates:,} duplicates, {counters.dead_letters:,} dead letters."
     )
+    if counters.unacknowledged:
+        raise IiotError(
+            f"the database stayed unavailable for {stop_timeout:g} s after the stop: "
+            f"{counters.unacknowledged:,} messages were left unacknowledged; the broker delivers "
+            f"them again when {config.client_id} reconnects (nothing is lost)"
+        )
 
 
 def _run_slots(processes: int, options: list[str]) -> int:

@@ -16,7 +16,7 @@ from ingest_daemon.validation import Reading, Rejection
 log = logging.getLogger(__name__)
 
 MAX_KEPT_PAYLOAD = 16 * 1024
-_READING_TYPES = ("int4", "int4", "text", "timestamptz", "float8", "timestamptz")
+_READING_TYPES = ("int4", "int4", "text", "timestamptz", "float8", "timestamptz", "int4", "bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,16 @@ class DeadLetter:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The message a reading came in: when it was received, its number within the batch (so
+    usage counts messages, not readings) and whether it was over the plan's rate (overage)."""
+
+    received_at: datetime
+    number: int
+    overage: bool = False
+
+
 @dataclass(frozen=True)
 class BatchResult:
     landed: int
@@ -63,7 +73,7 @@ class BatchWriter:
 
     def write(
         self,
-        readings: list[tuple[Reading, datetime]],
+        readings: list[tuple[Reading, Delivery]],
         dead_letters: list[DeadLetter],
         *,
         now: datetime,
@@ -79,11 +89,11 @@ class BatchWriter:
                 conn.execute(query("land_dead_letter_staging"))
         return BatchResult(landed, len(readings) - landed, len(dead_letters))
 
-    def _land(self, readings: list[tuple[Reading, datetime]], now: datetime) -> int:
+    def _land(self, readings: list[tuple[Reading, Delivery]], now: datetime) -> int:
         conn = self.conn
         with conn.cursor().copy(query("copy_telemetry_staging")) as copy:
             copy.set_types(_READING_TYPES)
-            for reading, received_at in readings:
+            for reading, message in readings:
                 copy.write_row(
                     (
                         reading.tenant_id,
@@ -91,7 +101,9 @@ class BatchWriter:
                         reading.metric,
                         reading.ts,
                         reading.value,
-                        received_at,
+                        message.received_at,
+                        message.number,
+                        message.overage,
                     )
                 )
         try:

@@ -1,6 +1,7 @@
 """The ingest loop against a real Mosquitto (started with the project's configuration) and
 PostgreSQL."""
 
+import contextlib
 import threading
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ def publish_all(client, messages):
 
 
 class Running:
-    def __init__(self, database_url, broker, group, metrics_port=None):
+    def __init__(self, database_url, broker, group, metrics_port=None, **config):
         self.stop = threading.Event()
         self.daemon = IngestDaemon(
             IngestConfig(
@@ -47,6 +48,7 @@ class Running:
                 group=group,
                 batch_age_s=0.05,
                 metrics_port=metrics_port,
+                **config,
             )
         )
         self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,))
@@ -130,7 +132,13 @@ def test_message_rate_quota(conn, database_url, ingest_broker, publisher, plan, 
         counters = running.finish()
     assert count(conn, "telemetry") == landed
     assert count(conn, "dead_letters", "reason = 'rate_limited'") == limited
-    assert counters.overage == (4 if plan == "enterprise" else 0)
+    overage = 4 if plan == "enterprise" else 0
+    assert counters.overage == overage
+    # persisted for billing in the batch's transaction: accepted messages, readings, overage
+    usage = conn.execute(
+        "SELECT sum(messages), sum(readings), sum(overage_messages) FROM ingest_usage"
+    ).fetchone()
+    assert usage == (landed, landed, overage)
 
 
 def get(url):
@@ -166,14 +174,14 @@ def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publish
         running.finish()
 
 
-def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publisher, pg_server):
-    provision(conn)
+@contextlib.contextmanager
+def outage_during_a_stream(database_url, pg_server, publisher, ready_url):
+    """The database refuses the daemon's connections while 20 readings are published; yields
+    once the daemon has met the outage (not ready), and lets connections in again on exit."""
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    port = free_port()
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
-    try:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        try:
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = %s AND application_name LIKE 'iiot-ingest%%'",
@@ -182,10 +190,42 @@ def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publis
             publish_all(
                 publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 21)]
             )
-            ready = f"http://127.0.0.1:{port}/health/ready"
-            assert wait_for(lambda: get(ready)[0] == 503)  # it met the outage and retries
+            assert wait_for(lambda: get(ready_url)[0] == 503)  # it met the outage and retries
+            yield
+        finally:
             admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+
+
+def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publisher, pg_server):
+    provision(conn)
+    port = free_port()
+    ready = f"http://127.0.0.1:{port}/health/ready"
+    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
+    try:
+        with outage_during_a_stream(database_url, pg_server, publisher, ready):
+            pass
         assert wait_for(lambda: count(conn, "telemetry") == 20)
         assert get(ready)[0] == 200
+    finally:
+        running.finish()
+
+
+def test_stop_during_a_database_outage_gives_up_after_the_timeout(
+    conn, database_url, ingest_broker, publisher, pg_server
+):
+    """A stop does not wait forever for the database: after the stop timeout the daemon exits,
+    leaving its messages unacknowledged, and the broker delivers them to the next session."""
+    provision(conn)
+    group = f"g{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    running = Running(database_url, ingest_broker, group, port, stop_timeout_s=1.0)
+    ready = f"http://127.0.0.1:{port}/health/ready"
+    with outage_during_a_stream(database_url, pg_server, publisher, ready):
+        counters = running.finish()  # joins within 30 s or fails
+    assert counters.unacknowledged == 20
+    assert counters.landed == 0
+    running = Running(database_url, ingest_broker, group)
+    try:
+        assert wait_for(lambda: count(conn, "telemetry") == 20)
     finally:
         running.finish()

@@ -6,7 +6,7 @@ import pytest
 from iiot_orchestration import registry
 from iiot_orchestration.db import connect
 from ingest_daemon.validation import Reading, Rejection
-from ingest_daemon.writer import BatchWriter, DeadLetter
+from ingest_daemon.writer import BatchWriter, DeadLetter, Delivery
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 
@@ -26,11 +26,20 @@ def writer(database_url):
         yield BatchWriter(conn)
 
 
-def readings(device, *times, metric="energy_kwh"):
+def readings(device, *times, metric="energy_kwh", overage=False):
+    """One message per reading."""
     tenant_id, device_id = device
     return [
-        (Reading(tenant_id, device_id, metric, ts, float(i)), NOW) for i, ts in enumerate(times)
+        (Reading(tenant_id, device_id, metric, ts, float(i)), Delivery(NOW, i, overage))
+        for i, ts in enumerate(times)
     ]
+
+
+def usage(conn):
+    return conn.execute(
+        "SELECT hour, sum(messages), sum(readings), sum(overage_messages)"
+        " FROM ingest_usage GROUP BY hour ORDER BY hour"
+    ).fetchall()
 
 
 def test_batch_lands_marks_last_seen_and_dirty_past_hours(conn, device, writer):
@@ -49,6 +58,28 @@ def test_redelivered_readings_land_once(conn, device, writer):
     again = writer.write(batch + batch, [], now=NOW)
     assert (again.landed, again.duplicates) == (0, 4)
     assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 2
+    assert usage(conn) == [(NOW.replace(minute=0), 2, 2, 0)]  # redeliveries are not usage
+
+
+def test_usage_counts_messages_readings_and_overage_per_hour(conn, device, writer):
+    tenant_id, device_id = device
+    one_message = Delivery(NOW, 0, overage=True)
+    batch = [
+        (Reading(tenant_id, device_id, metric, NOW, 1.0), one_message)
+        for metric in ("energy_kwh", "voltage_v")
+    ]
+    second = Reading(tenant_id, device_id, "energy_kwh", NOW - timedelta(minutes=1), 0.5)
+    batch.append((second, Delivery(NOW, 1)))
+    batch += batch[:2]  # the first message delivered twice in one batch counts once
+    assert writer.write(batch, [], now=NOW).landed == 3
+    assert usage(conn) == [(NOW.replace(minute=0), 2, 3, 1)]
+    later = Delivery(NOW + timedelta(hours=1), 0)
+    reading = Reading(tenant_id, device_id, "energy_kwh", NOW + timedelta(minutes=40), 2.0)
+    writer.write([(reading, later)], [], now=NOW)
+    assert usage(conn) == [
+        (NOW.replace(minute=0), 2, 3, 1),
+        (NOW.replace(minute=0) + timedelta(hours=1), 1, 1, 0),
+    ]
 
 
 def test_dead_letters_keep_the_payload_truncated_past_the_limit(conn, database_url, device):

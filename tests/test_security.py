@@ -17,6 +17,7 @@ TENANT_TABLES = (
     "dead_letters",
     "audit_log",
     "tenant_plan_history",
+    "ingest_usage",
 )
 
 
@@ -40,6 +41,11 @@ def two_tenants(conn):
             "INSERT INTO dead_letters (topic, tenant_id, reason, payload, payload_size)"
             " VALUES ('t', %s, 'schema', '\\x00', 1)",
             (tenant_id,),
+        )
+        conn.execute(
+            "INSERT INTO ingest_usage (tenant_id, device_id, hour, messages, readings)"
+            " VALUES (%s, %s, '2026-11-01T00:00:00Z', 1, 1)",
+            (tenant_id, device_id),
         )
     return ids
 

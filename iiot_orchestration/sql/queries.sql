@@ -64,11 +64,11 @@ SELECT device_id FROM device
 -- name: create_telemetry_staging
 CREATE TEMP TABLE IF NOT EXISTS telemetry_staging (
     tenant_id integer, device_id integer, metric text, ts timestamptz,
-    value double precision, received_at timestamptz
+    value double precision, received_at timestamptz, message_no integer, overage boolean
 ) ON COMMIT DELETE ROWS
 
 -- name: copy_telemetry_staging
-COPY telemetry_staging (tenant_id, device_id, metric, ts, value, received_at)
+COPY telemetry_staging (tenant_id, device_id, metric, ts, value, received_at, message_no, overage)
 FROM STDIN (FORMAT BINARY)
 
 -- name: land_telemetry_staging
@@ -78,7 +78,7 @@ WITH landed AS (
     INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)
     SELECT tenant_id, device_id, metric, ts, value, received_at FROM telemetry_staging
     ON CONFLICT DO NOTHING
-    RETURNING tenant_id, ts
+    RETURNING tenant_id, device_id, metric, ts
 ), seen AS (
     UPDATE devices d SET last_seen = greatest(d.last_seen, s.received_at)
       FROM (SELECT device_id, max(received_at) AS received_at
@@ -89,6 +89,22 @@ WITH landed AS (
     SELECT DISTINCT tenant_id, date_trunc('hour', ts, 'UTC') FROM landed
      WHERE ts < date_trunc('hour', %(now)s::timestamptz, 'UTC')
     ON CONFLICT (tenant_id, window_start) DO UPDATE SET last_marked_at = now()
+), staged AS (
+    -- one row per reading even when a message was delivered twice within the batch
+    SELECT device_id, metric, ts, min(message_no) AS message_no, bool_or(overage) AS overage,
+           min(received_at) AS received_at
+      FROM telemetry_staging GROUP BY device_id, metric, ts
+), usage AS (
+    INSERT INTO ingest_usage AS u (tenant_id, device_id, hour, messages, readings, overage_messages)
+    SELECT l.tenant_id, l.device_id, date_trunc('hour', s.received_at, 'UTC'),
+           count(DISTINCT s.message_no), count(*),
+           count(DISTINCT s.message_no) FILTER (WHERE s.overage)
+      FROM landed l JOIN staged s USING (device_id, metric, ts)
+     GROUP BY 1, 2, 3
+    ON CONFLICT (tenant_id, hour, device_id) DO UPDATE
+       SET messages = u.messages + excluded.messages,
+           readings = u.readings + excluded.readings,
+           overage_messages = u.overage_messages + excluded.overage_messages
 )
 SELECT count(*) FROM landed
 
