@@ -109,6 +109,12 @@ def _location(raw: str) -> str:
     return raw
 
 
+def _memory_size(raw: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", raw):
+        raise ValueError("must be a whole number followed by kB, MB or GB")
+    return raw
+
+
 def _host(raw: str) -> str:
     if not re.match(r"^[A-Za-z0-9.:-]+$", raw):
         raise ValueError("must be a host name or IP address")
@@ -190,6 +196,28 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 366),
     ),
     Variable(
+        "IIOT_ROLLUP_LAG_MINUTES",
+        "5",
+        "a whole number from 0 to 59",
+        "Minutes past the hour the hourly rollup waits for stragglers; late-data marks also "
+        "settle this long before the sensor acts on them.",
+        _int_range(0, 59),
+    ),
+    Variable(
+        "IIOT_ROLLUP_WORK_MEM",
+        "256MB",
+        "a PostgreSQL memory size such as 64MB or 1GB",
+        "work_mem for the rollup transactions (aggregation and sorting stay in memory).",
+        _memory_size,
+    ),
+    Variable(
+        "IIOT_FRESHNESS_MINUTES",
+        "15",
+        "a whole number from 1 to 10080",
+        "Raw telemetry is stale when no online device reported for this long (asset check).",
+        _int_range(1, 10080),
+    ),
+    Variable(
         "IIOT_DEFAULT_TIMEZONE",
         "America/Sao_Paulo",
         "an IANA time zone",
@@ -240,6 +268,9 @@ class Settings:
     backup_root: Path
     reports_root: Path
     partitions_ahead_days: int
+    rollup_lag_minutes: int
+    rollup_work_mem: str
+    freshness_minutes: int
     default_timezone: str
     max_concurrent_runs: int
     dagster_host: str
@@ -319,6 +350,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backup_root=values["IIOT_BACKUP_ROOT"] or data_dir / "backups",
         reports_root=values["IIOT_REPORTS_ROOT"] or data_dir / "reports",
         partitions_ahead_days=values["IIOT_PARTITIONS_AHEAD_DAYS"],
+        rollup_lag_minutes=values["IIOT_ROLLUP_LAG_MINUTES"],
+        rollup_work_mem=values["IIOT_ROLLUP_WORK_MEM"],
+        freshness_minutes=values["IIOT_FRESHNESS_MINUTES"],
         default_timezone=values["IIOT_DEFAULT_TIMEZONE"],
         max_concurrent_runs=values["IIOT_MAX_CONCURRENT_RUNS"],
         dagster_host=values["IIOT_DAGSTER_HOST"],
@@ -341,6 +375,9 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_BACKUP_ROOT": settings.backup_root,
         "IIOT_REPORTS_ROOT": settings.reports_root,
         "IIOT_PARTITIONS_AHEAD_DAYS": settings.partitions_ahead_days,
+        "IIOT_ROLLUP_LAG_MINUTES": settings.rollup_lag_minutes,
+        "IIOT_ROLLUP_WORK_MEM": settings.rollup_work_mem,
+        "IIOT_FRESHNESS_MINUTES": settings.freshness_minutes,
         "IIOT_DEFAULT_TIMEZONE": settings.default_timezone,
         "IIOT_MAX_CONCURRENT_RUNS": settings.max_concurrent_runs,
         "IIOT_DAGSTER_HOST": settings.dagster_host,

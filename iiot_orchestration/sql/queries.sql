@@ -140,3 +140,70 @@ SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
   JOIN plans p USING (plan_id)
   LEFT JOIN device_metrics m USING (device_id)
  GROUP BY d.device_id, t.tenant_id, p.plan_id
+
+-- name: rollup_hours_delete
+DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
+
+-- name: rollup_hours_insert
+-- Statistics: one GROUP BY over the window's raw readings; first and last come from min/max of
+-- (epoch, value) pairs, which needs no sort per bucket. Consumption, for cumulative metrics
+-- only: each reading's step from the previous one, seeded with the last reading before the
+-- window (however old); a negative step is a counter reset, whose increase is the new value
+-- itself. See migration 0008 for the definitions.
+WITH stats AS (
+    SELECT tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
+           count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
+           max(value) AS value_max, avg(value) AS value_avg,
+           min(ts) AS first_ts, (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS first_value,
+           max(ts) AS last_ts, (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS last_value
+      FROM telemetry
+     WHERE ts >= %(start)s AND ts < %(end)s
+     GROUP BY tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC')
+), counters AS (
+    SELECT device_id, metric, ts, value
+      FROM telemetry
+     WHERE ts >= %(start)s AND ts < %(end)s
+       AND metric IN (SELECT metric FROM metric_catalog WHERE cumulative)
+), seed AS (
+    SELECT s.device_id, s.metric, p.ts, p.value
+      FROM (SELECT DISTINCT device_id, metric FROM counters) s
+     CROSS JOIN LATERAL (
+           SELECT t.ts, t.value FROM telemetry t
+            WHERE t.device_id = s.device_id AND t.metric = s.metric AND t.ts < %(start)s
+            ORDER BY t.ts DESC LIMIT 1) p
+), steps AS (
+    SELECT device_id, metric, ts, value,
+           value - lag(value) OVER (PARTITION BY device_id, metric ORDER BY ts) AS step
+      FROM (SELECT * FROM counters UNION ALL SELECT * FROM seed) readings
+), consumption AS (
+    SELECT device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
+           coalesce(sum(CASE WHEN step < 0 THEN value ELSE step END), 0) AS consumption,
+           count(*) FILTER (WHERE step < 0) AS counter_resets
+      FROM steps
+     WHERE ts >= %(start)s
+     GROUP BY device_id, metric, date_trunc('hour', ts, 'UTC')
+)
+INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
+                              value_min, value_max, value_avg, first_ts, first_value, last_ts,
+                              last_value, consumption, counter_resets)
+SELECT s.tenant_id, s.device_id, s.metric, s.bucket, s.readings, s.value_sum, s.value_min,
+       s.value_max, s.value_avg, s.first_ts, s.first_value, s.last_ts, s.last_value,
+       c.consumption, coalesce(c.counter_resets, 0)
+  FROM stats s LEFT JOIN consumption c USING (device_id, metric, bucket)
+
+-- name: rollup_days_delete
+DELETE FROM telemetry_daily WHERE bucket >= %(start)s AND bucket < %(end)s
+
+-- name: rollup_days_insert
+-- Days from the hours: consumption and resets add up; first and last come from the hours'.
+INSERT INTO telemetry_daily (tenant_id, device_id, metric, bucket, readings, value_sum,
+                             value_min, value_max, value_avg, first_ts, first_value, last_ts,
+                             last_value, consumption, counter_resets)
+SELECT tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC'), sum(readings),
+       sum(value_sum), min(value_min), max(value_max), sum(value_sum) / sum(readings),
+       min(first_ts), (min(ARRAY[extract(epoch FROM first_ts)::float8, first_value]))[2],
+       max(last_ts), (max(ARRAY[extract(epoch FROM last_ts)::float8, last_value]))[2],
+       sum(consumption), sum(counter_resets)
+  FROM telemetry_hourly
+ WHERE bucket >= %(start)s AND bucket < %(end)s
+ GROUP BY tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC')

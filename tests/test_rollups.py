@@ -1,0 +1,331 @@
+"""Rollups materialized through Dagster against a real PostgreSQL, compared with the same numbers
+computed here in Python from the readings the test inserted."""
+
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.rollups import (
+    COUNTS_MATCH,
+    HOURS_TAG,
+    NO_NEGATIVE_CONSUMPTION,
+    ROWS_HAVE_TENANT,
+    parse_hours_tag,
+    raw_telemetry_fresh,
+    telemetry_daily,
+    telemetry_hourly,
+)
+from iiot_orchestration import registry, rollups
+from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.storage import storage_for
+from sensors.rollups import LATE_DAY_TAG, closed_hour_request, late_requests
+
+DAY = datetime(2026, 11, 20, tzinfo=UTC)
+CUMULATIVE = {"energy_kwh", "water_m3", "gas_m3"}
+
+
+def at(hours: float) -> datetime:
+    return DAY + timedelta(hours=hours)
+
+
+# (metric, ts, value): a reading the day before seeds consumption; hour 01 has no readings (a
+# gap, attributed to hour 02); at 02:45 the counter restarts from zero (a reset)
+READINGS = [
+    ("energy_kwh", at(-0.2), 100.0),
+    ("energy_kwh", at(10 / 60), 110.0),
+    ("energy_kwh", at(40 / 60), 130.0),
+    ("energy_kwh", at(2.25), 160.0),
+    ("energy_kwh", at(2.75), 5.0),
+    ("energy_kwh", at(23 + 59 / 60), 25.0),
+    ("power_w", at(5 / 60), 50.0),
+    ("power_w", at(35 / 60), 150.0),
+]
+
+
+def expected_hours(readings, start, end):
+    """The documented definitions, computed independently of the SQL."""
+    by_series = defaultdict(list)
+    for metric, ts, value in sorted(readings, key=lambda r: r[1]):
+        by_series[metric].append((ts, value))
+    rows = {}
+    for metric, series in by_series.items():
+        previous = None
+        for ts, value in series:
+            step = None if previous is None else value - previous
+            previous = value
+            if not start <= ts < end:
+                continue
+            hour = ts.replace(minute=0, second=0, microsecond=0)
+            row = rows.setdefault(
+                (metric, hour),
+                {"values": [], "consumption": 0.0 if metric in CUMULATIVE else None, "resets": 0},
+            )
+            row["values"].append(value)
+            if metric in CUMULATIVE and step is not None:
+                row["consumption"] += value if step < 0 else step
+                row["resets"] += step < 0
+    return {
+        key: (
+            len(r["values"]),
+            sum(r["values"]),
+            min(r["values"]),
+            max(r["values"]),
+            r["values"][0],
+            r["values"][-1],
+            r["consumption"],
+            r["resets"],
+        )
+        for key, r in rows.items()
+    }
+
+
+@pytest.fixture
+def seeded(conn):
+    storage_for(conn).ensure_partitions(conn, date(2026, 11, 18), date(2026, 11, 21))
+    devices = {}
+    for slug, mac in (("acme", "02:00:00:00:0a:01"), ("other", "02:00:00:00:0b:01")):
+        tenant = registry.create_tenant(conn, slug=slug, name=slug, plan="pro", timezone="UTC")
+        [device] = registry.provision_devices(conn, slug, [registry.DeviceRequest(mac, "energy")])
+        devices[slug] = (tenant.tenant_id, device.device_id)
+    insert(conn, devices["acme"], READINGS)
+    insert(conn, devices["other"], [("energy_kwh", at(3.5), 7.0)])
+    return devices
+
+
+def insert(conn, device, readings):
+    tenant_id, device_id = device
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            [(tenant_id, device_id, metric, ts, value) for metric, ts, value in readings],
+        )
+
+
+def materialize(database_url, partition="2026-11-20", tags=None, selection=None):
+    return dg.materialize(
+        selection or [telemetry_hourly, telemetry_daily],
+        partition_key=partition,
+        tags=tags or {},
+        resources={"postgres": PostgresResource(database_url=database_url)},
+        raise_on_error=False,
+    )
+
+
+def hourly_rows(conn, device_id):
+    return {
+        (metric, bucket): (count, total, low, high, first, last, consumption, resets)
+        for metric, bucket, count, total, low, high, first, last, consumption, resets in (
+            conn.execute(
+                "SELECT metric, bucket, readings, value_sum, value_min, value_max, first_value,"
+                " last_value, consumption, counter_resets FROM telemetry_hourly"
+                " WHERE device_id = %s",
+                (device_id,),
+            )
+        )
+    }
+
+
+def all_rows(conn, table):
+    return conn.execute(
+        f"SELECT * FROM {table} ORDER BY tenant_id, bucket, device_id, metric"
+    ).fetchall()
+
+
+def test_hourly_and_daily_match_the_definitions(conn, database_url, seeded):
+    result = materialize(database_url)
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    _, device_id = seeded["acme"]
+    # exact: the test values are small integers, so float sums carry no rounding
+    assert hourly_rows(conn, device_id) == expected_hours(READINGS, DAY, DAY + timedelta(days=1))
+    # the gap's consumption went to hour 02, the reset added the new value
+    assert hourly_rows(conn, device_id)[("energy_kwh", at(2))][6:] == (35.0, 1)
+    daily = conn.execute(
+        "SELECT readings, value_min, value_max, first_value, last_value, consumption,"
+        " counter_resets FROM telemetry_daily WHERE device_id = %s AND metric = 'energy_kwh'",
+        (device_id,),
+    ).fetchone()
+    assert daily == (5, 5.0, 160.0, 110.0, 25.0, 85.0, 1)
+    avg = conn.execute(
+        "SELECT value_avg, consumption FROM telemetry_daily WHERE metric = 'power_w'"
+    ).fetchone()
+    assert avg == (100.0, None)  # instantaneous metrics have no consumption
+    tenants = conn.execute("SELECT DISTINCT tenant_id FROM telemetry_hourly").fetchall()
+    assert sorted(t for (t,) in tenants) == sorted(t for t, _ in seeded.values())
+
+
+def test_rerunning_a_partition_gives_identical_rows(conn, database_url, seeded):
+    assert materialize(database_url).success
+    first = [row[:-1] for row in all_rows(conn, "telemetry_hourly")]  # all but computed_at
+    days = [row[:-1] for row in all_rows(conn, "telemetry_daily")]
+    assert materialize(database_url).success
+    assert [row[:-1] for row in all_rows(conn, "telemetry_hourly")] == first
+    assert [row[:-1] for row in all_rows(conn, "telemetry_daily")] == days
+
+
+def test_late_data_reruns_only_its_hours_and_clears_the_marks(conn, database_url, seeded):
+    assert materialize(database_url).success
+    tenant_id, device_id = seeded["acme"]
+    before = hourly_rows(conn, device_id)
+    late = [("energy_kwh", at(2.5), 150.0)]
+    insert(conn, seeded["acme"], late)
+    conn.execute(
+        "INSERT INTO dirty_windows (tenant_id, window_start, last_marked_at)"
+        " VALUES (%s, %s, now() - interval '1 hour')",
+        (tenant_id, at(2)),
+    )
+    with dg.DagsterInstance.ephemeral() as instance:
+        dirty = rollups.dirty_hours(conn, datetime.now(UTC))
+        [request], waiting = late_requests(instance, dirty, datetime.now(UTC))
+    assert waiting == []
+    assert request.partition_key == "2026-11-20"
+    assert request.tags == {HOURS_TAG: "2026-11-20T02", LATE_DAY_TAG: "2026-11-20"}
+    # a mark made while the run is in flight must survive it: stamp before, re-mark after
+    result = materialize(database_url, tags=request.tags)
+    assert result.success
+    after = hourly_rows(conn, device_id)
+    expected = expected_hours(READINGS + late, DAY, DAY + timedelta(days=1))
+    assert after[("energy_kwh", at(2))] == expected[("energy_kwh", at(2))]
+    assert {k: v for k, v in after.items() if k[1] != at(2)} == {
+        k: v for k, v in before.items() if k[1] != at(2)
+    }
+    readings = conn.execute(
+        "SELECT readings FROM telemetry_daily WHERE device_id = %s AND metric = 'energy_kwh'",
+        (device_id,),
+    ).fetchone()[0]
+    assert readings == 6
+    assert conn.execute("SELECT count(*) FROM dirty_windows").fetchone()[0] == 0
+
+
+def test_a_mark_renewed_after_the_hourly_step_stays_dirty(conn, database_url, seeded):
+    tenant_id, _ = seeded["acme"]
+    conn.execute(
+        "INSERT INTO dirty_windows (tenant_id, window_start) VALUES (%s, %s)", (tenant_id, at(2))
+    )
+    assert materialize(database_url, selection=[telemetry_hourly]).success
+    conn.execute("UPDATE dirty_windows SET last_marked_at = now()")  # the daemon marks again
+    assert materialize(database_url, selection=[telemetry_daily]).success
+    assert conn.execute("SELECT count(*) FROM dirty_windows").fetchone()[0] == 1
+
+
+def test_late_sensor_never_requests_a_day_already_in_flight(conn, seeded):
+    tenant_id, _ = seeded["acme"]
+    conn.execute(
+        "INSERT INTO dirty_windows (tenant_id, window_start, last_marked_at)"
+        " VALUES (%s, %s, now() - interval '1 hour'), (%s, %s, now() - interval '1 hour'),"
+        " (%s, %s, now())",
+        (tenant_id, at(2), tenant_id, at(-20), tenant_id, at(5)),
+    )
+    dirty = rollups.dirty_hours(conn, datetime.now(UTC) - timedelta(minutes=5))
+    assert dirty == {DAY: [at(2)], DAY - timedelta(days=1): [at(-20)]}  # 05:00 not settled yet
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_run(
+            dg.DagsterRun(
+                job_name="telemetry_rollups_job",
+                tags={LATE_DAY_TAG: "2026-11-20"},
+                status=dg.DagsterRunStatus.STARTED,
+            )
+        )
+        requests, waiting = late_requests(instance, dirty, datetime.now(UTC))
+    assert waiting == ["2026-11-20"]
+    assert [r.partition_key for r in requests] == ["2026-11-19"]
+    assert requests[0].tags[HOURS_TAG] == "2026-11-19T04"
+
+
+def test_schedule_requests_the_hour_that_closed():
+    request = closed_hour_request(datetime(2026, 11, 21, 0, 5, tzinfo=UTC))
+    assert request.partition_key == "2026-11-20"
+    assert request.tags == {HOURS_TAG: "2026-11-20T23"}
+
+
+@pytest.mark.parametrize("bad", ["2026-11-20 02", "2026-11-21T00", "tomorrow"])
+def test_bad_hours_tag_fails_clearly(bad):
+    window = rollups.Window(DAY, DAY + timedelta(days=1))
+    with pytest.raises(dg.Failure, match="iiot/hours"):
+        parse_hours_tag(bad, window)
+
+
+def test_backfill_range_runs_as_one_run(conn, database_url, seeded):
+    result = dg.materialize(
+        [telemetry_hourly, telemetry_daily],
+        tags={  # what a single-run backfill of the range launches
+            "dagster/asset_partition_range_start": "2026-11-19",
+            "dagster/asset_partition_range_end": "2026-11-20",
+        },
+        resources={"postgres": PostgresResource(database_url=database_url)},
+    )
+    assert result.success
+    days = conn.execute("SELECT DISTINCT bucket FROM telemetry_daily ORDER BY 1").fetchall()
+    assert [d for (d,) in days] == [DAY - timedelta(days=1), DAY]
+
+
+def failed_checks(result):
+    return {e.check_name for e in result.get_asset_check_evaluations() if not e.passed}
+
+
+def test_checks_fail_on_bad_rollups(conn, database_url, seeded):
+    """Fault injection through the real database: a trigger that corrupts what the rollup
+    writes, and a reading whose tenant does not exist."""
+    conn.execute(
+        "CREATE FUNCTION corrupt() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN NEW.readings := NEW.readings + 1;"
+        " NEW.consumption := -abs(coalesce(NEW.consumption, 1)); RETURN NEW; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER corrupt BEFORE INSERT ON telemetry_hourly"
+        " FOR EACH ROW EXECUTE FUNCTION corrupt()"
+    )
+    _, device_id = seeded["acme"]
+    insert(conn, (999_999, device_id), [("voltage_v", at(4), 230.0)])
+    result = materialize(database_url)
+    assert not result.success  # blocking checks stop the daily step
+    assert failed_checks(result) == {COUNTS_MATCH, NO_NEGATIVE_CONSUMPTION, ROWS_HAVE_TENANT}
+
+
+def test_freshness_check(conn, database_url, seeded):
+    resource = PostgresResource(database_url=database_url)
+
+    def evaluate():
+        return raw_telemetry_fresh(postgres=resource)
+
+    assert evaluate().passed  # no device online: nothing expected
+    conn.execute("UPDATE devices SET last_seen = now() - interval '40 minutes'")
+    stale = evaluate()
+    assert not stale.passed
+    assert stale.severity == dg.AssetCheckSeverity.WARN
+    assert stale.metadata["online_devices"].value == 2
+    conn.execute("UPDATE devices SET last_seen = now() - interval '1 minute'")
+    assert evaluate().passed
+
+
+def test_backfill_from_the_dagster_command_line(conn, database_url, seeded, cli_env, tmp_path):
+    """The documented ops procedure: `dagster asset materialize --partition-range`."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**cli_env, "DAGSTER_HOME": str(home)}
+    completed = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "iiot_orchestration.definitions",
+            "--select",
+            "telemetry_hourly,telemetry_daily",
+            "--partition-range",
+            "2026-11-19...2026-11-20",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    days = conn.execute("SELECT DISTINCT bucket FROM telemetry_daily ORDER BY 1").fetchall()
+    assert [d for (d,) in days] == [DAY - timedelta(days=1), DAY]
