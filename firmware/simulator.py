@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -34,6 +33,7 @@ import paho.mqtt.client as mqtt
 
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.mqtt import MqttError, MqttOptions, connect_client, protocol_name
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ KNOWN_METRICS = CUMULATIVE_METRICS | {
 }
 _ENERGY_METRICS = frozenset({"energy_kwh", "power_w", "voltage_v", "current_a"})
 _WATER_METRICS = frozenset({"water_m3", "flow_lpm"})
-_CONNECT_TIMEOUT = 10.0
 _MAX_UNACKNOWLEDGED = 10_000
 _FLEET_SQL = """
 SELECT d.mac::text, d.meter_kind, array_agg(m.metric ORDER BY m.metric)
@@ -296,38 +295,13 @@ class _Delivery:
             )
 
 
-def _broker_address(mqtt_url: str) -> tuple[str, int, str | None, str | None]:
-    parts = urlsplit(mqtt_url)
-    if parts.scheme == "mqtts":
-        raise SimulatorError("the simulator does not support mqtts:// yet; use mqtt://host:port")
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise SimulatorError(f"bad MQTT URL {mqtt_url[:80]!r}: expected mqtt://host:port")
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return parts.hostname, parts.port or 1883, user, password
-
-
 def _close(client: mqtt.Client) -> None:
     client.disconnect()
     client.loop_stop()
 
 
-class _Refused(Exception):
-    """The broker closed or refused the connection; ``reason`` is None without a CONNACK."""
-
-    def __init__(self, reason: mqtt.ReasonCode | None) -> None:
-        super().__init__(str(reason) if reason is not None else "connection closed before CONNACK")
-        self.reason = reason
-
-
-def _connect(mqtt_url: str, client_id: str, protocol: int, delivery: _Delivery) -> mqtt.Client:
-    """A connected client with its network thread running."""
-    host, port, user, password = _broker_address(mqtt_url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-    if user is not None:
-        client.username_pw_set(user, password)
-    answered = threading.Event()
-    outcome: list[mqtt.ReasonCode | None] = []
+def _open_client(options: MqttOptions, delivery: _Delivery) -> tuple[mqtt.Client, int]:
+    """A connected client with its network thread running, and its MQTT version."""
 
     def on_connect(
         client: mqtt.Client,
@@ -340,11 +314,8 @@ def _connect(mqtt_url: str, client_id: str, protocol: int, delivery: _Delivery) 
         # paho does not apply the broker's Receive Maximum itself; exceeding it is a protocol error
         if receive_maximum and receive_maximum < client.max_inflight_messages:
             client.max_inflight_messages = receive_maximum
-        if not answered.is_set():
-            outcome.append(reason_code)
-            answered.set()
-        elif reason_code.is_failure:
-            log.warning("reconnect to %s refused: %s", mqtt_url, reason_code)
+        if reason_code.is_failure:
+            log.warning("reconnect to %s refused: %s", options.shown_url, reason_code)
 
     def on_disconnect(
         client: mqtt.Client,
@@ -353,43 +324,20 @@ def _connect(mqtt_url: str, client_id: str, protocol: int, delivery: _Delivery) 
         reason_code: mqtt.ReasonCode,
         properties: mqtt.Properties | None,
     ) -> None:
-        if not answered.is_set():
-            outcome.append(None)
-            answered.set()
-        elif outcome[0] is not None and not outcome[0].is_failure and reason_code.is_failure:
-            log.warning("disconnected from %s: %s; paho reconnects", mqtt_url, reason_code)
+        if reason_code.is_failure:
+            log.warning("disconnected from %s: %s; paho reconnects", options.shown_url, reason_code)
 
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_publish = delivery.on_publish
+    def setup(client: mqtt.Client) -> None:
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_publish = delivery.on_publish
+
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        raise SimulatorError(f"cannot connect to MQTT broker {host}:{port}: {exc}") from exc
-    client.loop_start()
-    if not answered.wait(_CONNECT_TIMEOUT):
-        _close(client)
-        raise SimulatorError(f"MQTT broker {host}:{port} did not answer CONNECT")
-    if outcome[0] is None or outcome[0].is_failure:
-        _close(client)
-        raise _Refused(outcome[0])
-    return client
-
-
-def _open_client(mqtt_url: str, delivery: _Delivery) -> mqtt.Client:
-    client_id = f"iiot-sim-{uuid.uuid4().hex[:12]}"
-    try:
-        try:
-            return _connect(mqtt_url, client_id, mqtt.MQTTv5, delivery)
-        except _Refused as refused:
-            # MQTT 3.1.1's "unacceptable protocol version" (1) reads as 132 to an MQTT 5 client;
-            # some 3.1.1 brokers just close the connection instead
-            if refused.reason is not None and refused.reason.value not in (1, 132):
-                raise
-            log.info("broker %s does not speak MQTT 5 (%s); using MQTT 3.1.1", mqtt_url, refused)
-        return _connect(mqtt_url, client_id, mqtt.MQTTv311, delivery)
-    except _Refused as refused:
-        raise SimulatorError(f"MQTT broker {mqtt_url} refused the connection: {refused}") from None
+        return connect_client(
+            options, f"iiot-sim-{uuid.uuid4().hex[:12]}", setup=setup, keepalive=30
+        )
+    except MqttError as exc:
+        raise SimulatorError(str(exc)) from exc
 
 
 def _publish(
@@ -427,7 +375,7 @@ def _message_times(
 
 def run_simulation(
     fleet: Sequence[DeviceSpec],
-    mqtt_url: str,
+    broker: MqttOptions | str,
     *,
     prefix: str = "iiot",
     rate: float = 1.0,
@@ -444,7 +392,8 @@ def run_simulation(
     ``duration`` seconds or ``stop``, whichever comes first; then wait up to ``drain_timeout``
     seconds for the broker to acknowledge everything published. Each message carries one reading,
     or a batch of ``batch_size`` readings sampled over the interval since the device's previous
-    message."""
+    message. ``broker`` is the broker's settings, or just its URL (MQTT 5 or 3.1.1, no TLS
+    files)."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     if batch_size < 1:
@@ -466,13 +415,15 @@ def run_simulation(
     last_sample: list[datetime | None] = [None] * devices
     period = 1.0 / rate
     spacing = period / devices
-    client = _open_client(mqtt_url, delivery)
+    options = MqttOptions(broker) if isinstance(broker, str) else broker
+    client, protocol = _open_client(options, delivery)
     log.info(
-        "simulating %d devices at %g messages/s each (%g/s in all) to %s under %s/",
+        "simulating %d devices at %g messages/s each (%g/s in all) to %s over MQTT %s under %s/",
         devices,
         rate,
         rate * devices,
-        mqtt_url,
+        options.shown_url,
+        protocol_name(protocol),
         prefix,
     )
     started = time.monotonic()

@@ -410,11 +410,20 @@ def ingest_command(
 ) -> None:
     """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
     acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
+    from iiot_orchestration.mqtt import MqttOptions, check_options
     from ingest_daemon.daemon import IngestConfig, IngestDaemon
 
     settings = _settings()
     if not settings.mqtt_url:
-        raise click.UsageError("IIOT_MQTT_URL is not set: expected mqtt://host:port")
+        raise click.UsageError(
+            "IIOT_MQTT_URL is not set: expected mqtt://host:port or mqtts://host:port"
+        )
+    if processes > 1 and not settings.mqtt_shared_subscription:
+        raise click.UsageError(
+            "IIOT_MQTT_SHARED_SUBSCRIPTION=off gives every process every message: "
+            "run one process (--processes 1)"
+        )
+    check_options(MqttOptions.from_settings(settings))  # wrong TLS files: one error, not N
     if processes > 1:
         options = [
             "--group",
@@ -442,6 +451,11 @@ def ingest_command(
         metrics_port=metrics_port + slot if metrics_port else None,
         metrics_host=metrics_host,
         stop_timeout_s=stop_timeout,
+        mqtt_protocol=settings.mqtt_protocol,
+        mqtt_ca_file=settings.mqtt_ca_file,
+        mqtt_cert_file=settings.mqtt_cert_file,
+        mqtt_key_file=settings.mqtt_key_file,
+        shared_subscription=settings.mqtt_shared_subscription,
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:
@@ -514,21 +528,26 @@ def simulate_command(
     """Publish realistic meter readings for provisioned devices until Ctrl-C, --count or
     --duration. Cumulative registers (kWh, m3) only grow; gauges follow a daily shape."""
     from firmware.simulator import load_fleet, run_simulation
+    from iiot_orchestration.mqtt import MqttOptions, check_options
 
     settings = _settings()
     if not settings.mqtt_url:
-        raise click.UsageError("IIOT_MQTT_URL is not set: expected mqtt://host:port")
+        raise click.UsageError(
+            "IIOT_MQTT_URL is not set: expected mqtt://host:port or mqtts://host:port"
+        )
+    broker = MqttOptions.from_settings(settings)
+    check_options(broker)
     fleet = load_fleet(settings.require_database_url(), tenant=tenant, limit=limit)
     if not fleet:
         raise registry.RegistryError("no active devices to simulate: provision some first")
     click.echo(
         f"Simulating {len(fleet)} devices at {rate:g} messages/s each to "
-        f"{settings.mqtt_url} under {settings.topic_prefix}/ (Ctrl-C stops)"
+        f"{broker.shown_url} under {settings.topic_prefix}/ (Ctrl-C stops)"
     )
     with stop_on_signals() as stop:
         stats = run_simulation(
             fleet,
-            settings.mqtt_url,
+            broker,
             prefix=settings.topic_prefix,
             rate=rate,
             count=count,

@@ -74,7 +74,7 @@ class DevStack:
     dagster_database_url: str
     mqtt_url: str
     dagster_home: Path
-    mqtt5: bool = True
+    broker_kind: str | None = None  # the broker started here; None for IIOT_MQTT_URL's
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
 
@@ -146,6 +146,14 @@ def _dagster_env(settings: Settings, stack: DevStack) -> dict[str, str]:
         IIOT_MQTT_URL=stack.mqtt_url,
         IIOT_MAX_CONCURRENT_RUNS=str(settings.max_concurrent_runs),
     )
+    if stack.broker_kind is not None:
+        # our broker is plain MQTT on localhost: TLS files meant for another broker do not apply
+        for name in ("IIOT_MQTT_CA_FILE", "IIOT_MQTT_CERT_FILE", "IIOT_MQTT_KEY_FILE"):
+            env.pop(name, None)
+    if stack.broker_kind == "amqtt":
+        # it speaks only 3.1.1 (no need to try 5 first), and takes $share/... as a plain
+        # filter that matches nothing: one ingest process on the plain filter
+        env.update(IIOT_MQTT_PROTOCOL="3.1.1", IIOT_MQTT_SHARED_SUBSCRIPTION="off")
     return env
 
 
@@ -225,7 +233,7 @@ def _start(
     migrate.migrate(database_url, settings.storage, echo=echo)
     seed_demo(database_url, echo)
 
-    mqtt5 = True
+    broker_kind = None
     if settings.mqtt_url:
         mqtt_url = settings.mqtt_url
         echo(f"MQTT broker: {mqtt_url} (IIOT_MQTT_URL)")
@@ -235,18 +243,12 @@ def _start(
         cleanup.callback(broker.stop)
         mqtt_url = broker.url
         echo(f"MQTT broker: {mqtt_url} ({broker.kind})")
-        mqtt5 = broker.kind != "amqtt"
-    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home", mqtt5)
+        broker_kind = broker.kind
+    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home", broker_kind)
 
 
 def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], None]) -> None:
     """The ingest daemon and a small simulated fleet of the demo tenant, so the demo has data."""
-    if not stack.mqtt5:
-        echo(
-            "Not starting ingest: it needs an MQTT 5 broker and amqtt speaks 3.1.1 "
-            "(install mosquitto, or set IIOT_MQTT_URL)"
-        )
-        return
     log_dir = stack.dagster_home.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = _dagster_env(settings, stack)
@@ -266,6 +268,11 @@ def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], Non
         f"Ingest daemon and a {len(DEMO_DEVICES)}-device simulated fleet started "
         f"(metrics on http://{settings.dagster_host}:{metrics_port}/metrics)"
     )
+    if stack.broker_kind == "amqtt":
+        echo(
+            "amqtt speaks MQTT 3.1.1 without shared subscriptions: ingest runs as one process on "
+            "the plain topic filter (install mosquitto for MQTT 5 and shared subscriptions)"
+        )
 
 
 def _start_dagster(

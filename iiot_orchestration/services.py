@@ -110,14 +110,20 @@ async def _shutdown_amqtt(broker: Any) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-def start_mosquitto(data_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> Broker:
+def start_mosquitto(
+    data_dir: Path, host: str = "127.0.0.1", port: int | None = None, extra_config: str = ""
+) -> Broker:
+    """Mosquitto with the project's configuration; ``extra_config`` is appended to it (more
+    listeners, for example: the Broker names only the first, and only it is waited for)."""
     binary = shutil.which("mosquitto")
     if binary is None:
         raise ServiceError("mosquitto is not on PATH")
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "mosquitto.conf"
-    conf.write_text(MOSQUITTO_CONF.format(port=port, host=host, data=data_dir.resolve()))
+    conf.write_text(
+        MOSQUITTO_CONF.format(port=port, host=host, data=data_dir.resolve()) + extra_config
+    )
     stderr_path = data_dir / "mosquitto.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
@@ -133,14 +139,23 @@ def start_mosquitto(data_dir: Path, host: str = "127.0.0.1", port: int | None = 
     return Broker("mosquitto", host, port, _process=process)
 
 
-def start_amqtt(host: str = "127.0.0.1", port: int | None = None) -> Broker:
-    """The pure-Python broker, in a background thread of this process (MQTT 3.1.1 only)."""
+def start_amqtt(
+    host: str = "127.0.0.1", port: int | None = None, *, allow_anonymous: bool = True
+) -> Broker:
+    """The pure-Python broker, in a background thread of this process (MQTT 3.1.1 only).
+
+    amqtt keeps no session for an anonymous client: with ``allow_anonymous`` it forgets a
+    persistent session, and what was queued or in flight for it, once the client disconnects.
+    Without it, clients must give a user name (any; amqtt checks no password) and their
+    sessions persist."""
     from amqtt.broker import Broker as AmqttBroker
 
     port = port or free_port(host)
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}
+        },
     }
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -23,6 +23,7 @@ from iiot_orchestration.errors import IiotError
 StorageMode = Literal["auto", "timescale", "postgres"]
 STORAGE_MODES: tuple[str, ...] = ("auto", "timescale", "postgres")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+MQTT_PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
 _TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -109,6 +110,19 @@ def _location(raw: str) -> str:
     return raw
 
 
+def _file(raw: str) -> Path:
+    if not raw.strip() or "\x00" in raw:
+        raise ValueError("must be a file path")
+    return Path(raw).expanduser()
+
+
+def _switch(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return value == "on"
+
+
 def _memory_size(raw: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", raw):
         raise ValueError("must be a whole number followed by kB, MB or GB")
@@ -144,6 +158,44 @@ VARIABLES: tuple[Variable, ...] = (
         "MQTT broker. Unset: `iiot dev` starts Mosquitto (if on PATH) or the in-process amqtt "
         "broker.",
         _mqtt_url,
+    ),
+    Variable(
+        "IIOT_MQTT_PROTOCOL",
+        "auto",
+        "auto, 5 or 3.1.1",
+        "MQTT version of `iiot ingest` and `iiot simulate`. `auto` tries MQTT 5 and falls back "
+        "to 3.1.1 when the broker refuses it.",
+        _choice(MQTT_PROTOCOLS),
+    ),
+    Variable(
+        "IIOT_MQTT_CA_FILE",
+        None,
+        "a file path",
+        "PEM CA certificates that the broker's certificate must chain to (`mqtts://` only). "
+        "Unset: the system's CAs.",
+        _file,
+    ),
+    Variable(
+        "IIOT_MQTT_CERT_FILE",
+        None,
+        "a file path",
+        "PEM client certificate presented to an `mqtts://` broker; needs IIOT_MQTT_KEY_FILE.",
+        _file,
+    ),
+    Variable(
+        "IIOT_MQTT_KEY_FILE",
+        None,
+        "a file path",
+        "Unencrypted PEM private key of IIOT_MQTT_CERT_FILE.",
+        _file,
+    ),
+    Variable(
+        "IIOT_MQTT_SHARED_SUBSCRIPTION",
+        "on",
+        "on or off",
+        "`on`: ingest subscribes to `$share/<group>/...`. `off`: to the plain topic filter, for "
+        "one ingest process on a broker without shared subscriptions (amqtt).",
+        _switch,
     ),
     Variable(
         "IIOT_TOPIC_PREFIX",
@@ -261,6 +313,11 @@ class Settings:
     database_url: str | None
     dagster_database_url: str | None
     mqtt_url: str | None
+    mqtt_protocol: str
+    mqtt_ca_file: Path | None
+    mqtt_cert_file: Path | None
+    mqtt_key_file: Path | None
+    mqtt_shared_subscription: bool
     topic_prefix: str
     storage: StorageMode
     data_dir: Path
@@ -343,6 +400,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         database_url=database_url,
         dagster_database_url=dagster_url,
         mqtt_url=values["IIOT_MQTT_URL"],
+        mqtt_protocol=values["IIOT_MQTT_PROTOCOL"],
+        mqtt_ca_file=values["IIOT_MQTT_CA_FILE"],
+        mqtt_cert_file=values["IIOT_MQTT_CERT_FILE"],
+        mqtt_key_file=values["IIOT_MQTT_KEY_FILE"],
+        mqtt_shared_subscription=values["IIOT_MQTT_SHARED_SUBSCRIPTION"],
         topic_prefix=values["IIOT_TOPIC_PREFIX"],
         storage=values["IIOT_STORAGE"],
         data_dir=data_dir,
@@ -368,6 +430,11 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_DATABASE_URL": settings.database_url,
         "IIOT_DAGSTER_DATABASE_URL": settings.dagster_database_url,
         "IIOT_MQTT_URL": settings.mqtt_url,
+        "IIOT_MQTT_PROTOCOL": settings.mqtt_protocol,
+        "IIOT_MQTT_CA_FILE": settings.mqtt_ca_file,
+        "IIOT_MQTT_CERT_FILE": settings.mqtt_cert_file,
+        "IIOT_MQTT_KEY_FILE": settings.mqtt_key_file,
+        "IIOT_MQTT_SHARED_SUBSCRIPTION": "on" if settings.mqtt_shared_subscription else "off",
         "IIOT_TOPIC_PREFIX": settings.topic_prefix,
         "IIOT_STORAGE": settings.storage,
         "IIOT_DATA_DIR": settings.data_dir,

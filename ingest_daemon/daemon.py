@@ -19,14 +19,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import ThreadingHTTPServer
-from urllib.parse import urlsplit
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from iiot_orchestration.db import DatabaseUnavailable, open_connection
+from iiot_orchestration.mqtt import MqttOptions, check_options, connect_client, protocol_name
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import DEFAULT_LIMITS, Device, Limits, Reading, Rejection, validate
@@ -67,6 +66,11 @@ class IngestConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     stop_timeout_s: float = 30.0  # how long a stop waits for an unavailable database
+    mqtt_protocol: str = "auto"
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    shared_subscription: bool = True
 
     @property
     def client_id(self) -> str:
@@ -74,7 +78,18 @@ class IngestConfig:
 
     @property
     def subscription(self) -> str:
-        return f"$share/{self.group}/{self.prefix}/devices/+/telemetry"
+        topics = f"{self.prefix}/devices/+/telemetry"
+        return f"$share/{self.group}/{topics}" if self.shared_subscription else topics
+
+    @property
+    def mqtt_options(self) -> MqttOptions:
+        return MqttOptions(
+            self.mqtt_url,
+            self.mqtt_protocol,
+            self.mqtt_ca_file,
+            self.mqtt_cert_file,
+            self.mqtt_key_file,
+        )
 
 
 class TokenBuckets:
@@ -120,6 +135,9 @@ class Counters:
 
 class IngestDaemon:
     def __init__(self, config: IngestConfig, registry: RegistryCache | None = None) -> None:
+        """Raises MqttError, naming the setting, when the broker settings are wrong: before the
+        registry is read or anything connects."""
+        check_options(config.mqtt_options)
         self.config = config
         self.registry = registry or RegistryCache(config.database_url)
         # paho's thread judges each message into the open batch; full batches wait here for the
@@ -135,6 +153,7 @@ class IngestDaemon:
         self._stop: threading.Event | None = None
         self._stopping_since: float | None = None
         self.connected = threading.Event()
+        self.protocol: str | None = None  # "5" or "3.1.1", once connected
         self._client: mqtt.Client | None = None
         self._writer: BatchWriter | None = None
         self.metrics = IngestMetrics()
@@ -168,7 +187,22 @@ class IngestDaemon:
             return
         client.subscribe(self.config.subscription, qos=1)
 
-    def _on_subscribe(self, *_args: object) -> None:
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: object, _mid: int, reasons: list[mqtt.ReasonCode], _p: object
+    ) -> None:
+        refused = [str(reason) for reason in reasons if reason.is_failure]
+        if refused:
+            log.error(
+                "broker refused the subscription %s: %s%s",
+                self.config.subscription,
+                ", ".join(refused),
+                "; set IIOT_MQTT_SHARED_SUBSCRIPTION=off if it has no shared subscriptions "
+                "(one ingest process only)"
+                if self.config.shared_subscription
+                else "",
+                extra={"subscription": self.config.subscription},
+            )
+            return
         self.connected.set()
         self.metrics.broker_connected.set(1)
         log.info("subscribed", extra={"subscription": self.config.subscription})
@@ -177,28 +211,33 @@ class IngestDaemon:
         self.connected.clear()
         self.metrics.broker_connected.set(0)
 
-    def _connect(self) -> mqtt.Client:
-        parts = urlsplit(self.config.mqtt_url)
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.config.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
+    def _prepare(self, client: mqtt.Client) -> None:
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.config.session_expiry_s
-        client.connect(
-            parts.hostname or "127.0.0.1",
-            parts.port or 1883,
-            clean_start=False,
-            properties=properties,
+
+    def _connect(self) -> mqtt.Client:
+        """Connected with a persistent session (MQTT 5, or 3.1.1 when the broker refuses 5);
+        paho's thread subscribes on every connection."""
+        client, protocol = connect_client(
+            self.config.mqtt_options,
+            self.config.client_id,
+            setup=self._prepare,
+            session_expiry_s=self.config.session_expiry_s,
+            manual_ack=True,
         )
-        client.loop_start()
+        self.protocol = protocol_name(protocol)
+        if protocol == mqtt.MQTTv311 and self.config.shared_subscription:
+            # MQTT 3.1.1 has no way to say so: amqtt grants $share/... and delivers nothing to it
+            log.warning(
+                "MQTT 3.1.1 cannot tell whether the broker supports shared subscriptions; if "
+                "nothing arrives on %s, the broker treats it as a plain filter (amqtt does): set "
+                "IIOT_MQTT_SHARED_SUBSCRIPTION=off and run one ingest process",
+                self.config.subscription,
+                extra={"subscription": self.config.subscription},
+            )
         return client
 
     def run(self, stop: threading.Event) -> Counters:
@@ -213,8 +252,9 @@ class IngestDaemon:
         self.registry.start()
         self._open_writer()
         self.accepting.set()
-        self._client = client = self._connect()
+        client = None
         try:
+            self._client = client = self._connect()
             self._consume()
         except ShutdownAbandoned as exc:
             self.counters.unacknowledged = self._abandon(client, exc.args[0])
@@ -223,8 +263,9 @@ class IngestDaemon:
                 extra={"messages": self.counters.unacknowledged},
             )
         finally:
-            client.loop_stop()
-            client.disconnect()
+            if client is not None:
+                client.loop_stop()
+                client.disconnect()
             self.registry.stop()
             if self._writer is not None:
                 self._writer.conn.close()
