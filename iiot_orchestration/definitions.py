@@ -2,14 +2,14 @@
 
 import dagster as dg
 
-from assets import rollups, telemetry
+from assets import quality, rollups, telemetry
 from iiot_orchestration.resources import PostgresResource
 from sensors import rollups as rollup_sensors
 from sensors import schedules
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([telemetry, rollups]),
-    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups]),
+    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality]),
     jobs=[schedules.telemetry_partitions_job, rollup_sensors.telemetry_rollups_job],
     schedules=[schedules.telemetry_partitions_schedule, rollup_sensors.telemetry_rollup_schedule],
     sensors=[rollup_sensors.late_telemetry_sensor],
