@@ -288,7 +288,7 @@ def main() -> None:
                 ),
             ]
             half_rate = len(messages) / single[0] / 2
-            sent, seen, latencies = latency(broker, half_rate, LATENCY_SECONDS)
+            published, committed, latencies = latency(broker, half_rate, LATENCY_SECONDS)
         finally:
             broker.stop()
     baseline = results[0][3] / results[0][1]
@@ -306,5 +306,6 @@ def main() -> None:
         f"publish-to-commit latency at {half_rate:,.0f} msg/s (half the 1-process rate) for "
         f"{LATENCY_SECONDS:g} s: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
         f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, "
-        f"max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms, lost {sent - seen}"
+        f"max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms, "
+        f"lost {published - committed}"
     )
