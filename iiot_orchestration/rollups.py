@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from iiot_orchestration.db import query
+from iiot_orchestration.storage import storage_for
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,35 @@ def rollup_hours(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> None:
+    """TimescaleDB mode: refresh a continuous aggregate for exactly ``window``. The procedure
+    commits as it goes, so it runs outside any transaction."""
+    conn.commit()
+    conn.autocommit = True
+    try:
+        conn.execute(
+            "CALL refresh_continuous_aggregate(%s, %s::timestamptz, %s::timestamptz)",
+            (name, window.start, window.end),
+        )
+    finally:
+        conn.autocommit = False
+
+
+def _hourly_insert(mode: str) -> str:
+    stats = query("rollup_hour_stats_cagg" if mode == "timescale" else "rollup_hour_stats_raw")
+    return query("rollup_hours_insert").replace("__STATS__", stats)
+
+
 def _rollup_hours_once(
     conn: psycopg.Connection, windows: list[Window], work_mem: str | None
 ) -> RollupResult:
     rows = readings = source = 0
+    mode = storage_for(conn).mode
+    conn.commit()  # end the read, so that the isolation level can change
+    if mode == "timescale":
+        for window in windows:
+            refresh_aggregate(conn, "iiot_aggregates.telemetry_hourly_cagg", window)
+    insert = _hourly_insert(mode)
     previous = conn.isolation_level
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     try:
@@ -105,7 +131,7 @@ def _rollup_hours_once(
             for window in windows:
                 params = {"start": window.start, "end": window.end}
                 conn.execute(query("rollup_hours_delete"), params)
-                rows += conn.execute(query("rollup_hours_insert"), params).rowcount
+                rows += conn.execute(insert, params).rowcount
                 readings += conn.execute(
                     "SELECT coalesce(sum(readings), 0) FROM telemetry_hourly"
                     " WHERE bucket >= %(start)s AND bucket < %(end)s",
@@ -129,9 +155,13 @@ def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:
     """Rewrite the daily buckets of ``days`` from the hourly ones, then clear the dirty marks of
     those days that the hourly rollup covered and nothing re-marked since."""
     params = {"start": days.start, "end": days.end}
+    timescale = storage_for(conn).mode == "timescale"
+    if timescale:
+        refresh_aggregate(conn, "iiot_aggregates.telemetry_daily_cagg", days)
     with conn.transaction():
         conn.execute(query("rollup_days_delete"), params)
-        rows = conn.execute(query("rollup_days_insert"), params).rowcount
+        insert = query("rollup_days_insert_cagg" if timescale else "rollup_days_insert")
+        rows = conn.execute(insert, params).rowcount
         readings, source = conn.execute(
             "SELECT (SELECT coalesce(sum(readings), 0) FROM telemetry_daily"
             "         WHERE bucket >= %(start)s AND bucket < %(end)s),"

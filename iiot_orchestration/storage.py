@@ -84,8 +84,14 @@ def establish_mode(conn: psycopg.Connection, requested: str) -> str:
     if mode == "timescale":
         try:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            # continuous aggregates keep their materialized rows in this schema: the role that
+            # creates them (migration_admin) and the one that owns and refreshes them
+            # (platform_rw) need CREATE there; the extension's owner grants it
+            conn.execute(
+                "GRANT CREATE ON SCHEMA _timescaledb_internal TO migration_admin, platform_rw"
+            )
         except psycopg.Error as exc:
-            raise StorageError(f"cannot create the timescaledb extension: {exc}") from exc
+            raise StorageError(f"cannot set up the timescaledb extension: {exc}") from exc
     if recorded is None:
         conn.execute("INSERT INTO iiot_storage (mode) VALUES (%s) ON CONFLICT DO NOTHING", (mode,))
     return mode

@@ -3,11 +3,13 @@ computed here in Python from the readings the test inserted."""
 
 import subprocess
 import sys
+import uuid
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 import pytest
 
 from assets.rollups import (
@@ -329,3 +331,40 @@ def test_backfill_from_the_dagster_command_line(conn, database_url, seeded, cli_
     assert completed.returncode == 0, completed.stderr[-2000:]
     days = conn.execute("SELECT DISTINCT bucket FROM telemetry_daily ORDER BY 1").fetchall()
     assert [d for (d,) in days] == [DAY - timedelta(days=1), DAY]
+
+
+@pytest.mark.timescale
+def test_both_storage_modes_give_identical_rollups(timescale_server_url):
+    """The same readings in a PostgreSQL-mode and a TimescaleDB-mode database (continuous
+    aggregates refreshed for the window) roll up to the same rows."""
+    from iiot_orchestration import migrate
+    from tests.conftest import create_database, drop_database
+
+    tables = {}
+    for mode in ("postgres", "timescale"):
+        name = f"iiot_modes_{mode}_{uuid.uuid4().hex[:8]}"
+        url = create_database(timescale_server_url, name)
+        try:
+            migrate.migrate(url, mode, echo=lambda _: None)
+            with psycopg.connect(url, autocommit=True) as conn:
+                assert storage_for(conn).mode == mode
+                storage_for(conn).ensure_partitions(conn, date(2026, 11, 18), date(2026, 11, 21))
+                tenant = registry.create_tenant(
+                    conn, slug="acme", name="Acme", plan="pro", timezone="UTC"
+                )
+                [device] = registry.provision_devices(
+                    conn, "acme", [registry.DeviceRequest("02:00:00:00:0a:01", "energy")]
+                )
+                insert(conn, (tenant.tenant_id, device.device_id), READINGS)
+                assert materialize(url).success
+                late = [("energy_kwh", at(2.5), 150.0)]  # and a late reading, one hour re-run
+                insert(conn, (tenant.tenant_id, device.device_id), late)
+                assert materialize(url, tags={HOURS_TAG: "2026-11-20T02"}).success
+                tables[mode] = [
+                    [row[:-1] for row in all_rows(conn, table)]
+                    for table in ("telemetry_hourly", "telemetry_daily")
+                ]
+        finally:
+            drop_database(timescale_server_url, name)
+    assert tables["postgres"][0]  # not trivially equal
+    assert tables["timescale"] == tables["postgres"]

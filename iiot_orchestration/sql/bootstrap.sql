@@ -18,6 +18,15 @@ END
 $$;
 
 GRANT USAGE, CREATE ON SCHEMA public TO migration_admin;
+-- so that migrations can hand platform_rw the objects it must own (TimescaleDB's continuous
+-- aggregates are refreshed by their owner only)
+GRANT platform_rw TO migration_admin;
+-- migrations may create schemas of their own (iiot_aggregates in TimescaleDB mode)
+DO $$
+BEGIN
+    EXECUTE format('GRANT CREATE ON DATABASE %I TO migration_admin', current_database());
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS iiot_schema_migrations (
     version      integer PRIMARY KEY,

@@ -144,21 +144,32 @@ SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
 -- name: rollup_hours_delete
 DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
 
+-- name: rollup_hour_stats_raw
+-- PostgreSQL mode: one GROUP BY over the window's raw readings; first and last come from
+-- min/max of (epoch, value) pairs, which needs no sort per bucket.
+SELECT tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
+       count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
+       max(value) AS value_max,
+       min(ts) AS first_ts, (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS first_value,
+       max(ts) AS last_ts, (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS last_value
+  FROM telemetry
+ WHERE ts >= %(start)s AND ts < %(end)s
+ GROUP BY tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC')
+
+-- name: rollup_hour_stats_cagg
+-- TimescaleDB mode: the hourly continuous aggregate, refreshed for the window just before.
+SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
+       first_ts, first_value, last_ts, last_value
+  FROM iiot_aggregates.telemetry_hourly_cagg
+ WHERE bucket >= %(start)s AND bucket < %(end)s
+
 -- name: rollup_hours_insert
--- Statistics: one GROUP BY over the window's raw readings; first and last come from min/max of
--- (epoch, value) pairs, which needs no sort per bucket. Consumption, for cumulative metrics
--- only: each reading's step from the previous one, seeded with the last reading before the
--- window (however old); a negative step is a counter reset, whose increase is the new value
--- itself. See migration 0008 for the definitions.
+-- The statistics (the placeholder below: rollup_hour_stats_raw or _cagg), then consumption,
+-- for cumulative metrics only: each reading's step from the previous one, seeded with the last
+-- reading before the window (however old); a negative step is a counter reset, whose increase
+-- is the new value itself. See migration 0008 for the definitions.
 WITH stats AS (
-    SELECT tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
-           count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
-           max(value) AS value_max, avg(value) AS value_avg,
-           min(ts) AS first_ts, (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS first_value,
-           max(ts) AS last_ts, (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS last_value
-      FROM telemetry
-     WHERE ts >= %(start)s AND ts < %(end)s
-     GROUP BY tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC')
+    __STATS__
 ), counters AS (
     SELECT device_id, metric, ts, value
       FROM telemetry
@@ -187,7 +198,7 @@ INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, va
                               value_min, value_max, value_avg, first_ts, first_value, last_ts,
                               last_value, consumption, counter_resets)
 SELECT s.tenant_id, s.device_id, s.metric, s.bucket, s.readings, s.value_sum, s.value_min,
-       s.value_max, s.value_avg, s.first_ts, s.first_value, s.last_ts, s.last_value,
+       s.value_max, s.value_sum / s.readings, s.first_ts, s.first_value, s.last_ts, s.last_value,
        c.consumption, coalesce(c.counter_resets, 0)
   FROM stats s LEFT JOIN consumption c USING (device_id, metric, bucket)
 
@@ -207,3 +218,21 @@ SELECT tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC'), sum(readi
   FROM telemetry_hourly
  WHERE bucket >= %(start)s AND bucket < %(end)s
  GROUP BY tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC')
+
+-- name: rollup_days_insert_cagg
+-- TimescaleDB mode: statistics from the daily continuous aggregate (refreshed just before),
+-- consumption and resets summed from the hours.
+INSERT INTO telemetry_daily (tenant_id, device_id, metric, bucket, readings, value_sum,
+                             value_min, value_max, value_avg, first_ts, first_value, last_ts,
+                             last_value, consumption, counter_resets)
+SELECT c.tenant_id, c.device_id, c.metric, c.bucket, c.readings, c.value_sum, c.value_min,
+       c.value_max, c.value_sum / c.readings, c.first_ts, c.first_value, c.last_ts, c.last_value,
+       h.consumption, h.counter_resets
+  FROM iiot_aggregates.telemetry_daily_cagg c
+  JOIN (SELECT tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC') AS bucket,
+               sum(consumption) AS consumption, sum(counter_resets) AS counter_resets
+          FROM telemetry_hourly
+         WHERE bucket >= %(start)s AND bucket < %(end)s
+         GROUP BY tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC')) h
+    USING (tenant_id, device_id, metric, bucket)
+ WHERE c.bucket >= %(start)s AND c.bucket < %(end)s
