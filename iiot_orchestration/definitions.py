@@ -2,16 +2,28 @@
 
 import dagster as dg
 
-from assets import quality, rollups, telemetry
+from assets import marts, quality, rollups, telemetry
 from iiot_orchestration.resources import PostgresResource
+from sensors import marts as mart_schedules
 from sensors import rollups as rollup_sensors
 from sensors import schedules
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([telemetry, rollups]),
+    assets=dg.load_assets_from_modules([telemetry, rollups, marts]),
     asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality]),
-    jobs=[schedules.telemetry_partitions_job, rollup_sensors.telemetry_rollups_job],
-    schedules=[schedules.telemetry_partitions_schedule, rollup_sensors.telemetry_rollup_schedule],
+    jobs=[
+        schedules.telemetry_partitions_job,
+        rollup_sensors.telemetry_rollups_job,
+        mart_schedules.marts_job,
+    ],
+    schedules=[
+        schedules.telemetry_partitions_schedule,
+        rollup_sensors.telemetry_rollup_schedule,
+        mart_schedules.marts_schedule,
+    ],
     sensors=[rollup_sensors.late_telemetry_sensor],
-    resources={"postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL"))},
+    resources={
+        "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),
+        "dbt": marts.dbt_resource(),
+    },
 )
