@@ -109,7 +109,9 @@ def telemetry_hourly(
     windows = run_windows(context)
     settings = load_settings()
     with postgres.get_connection() as conn:
-        result = rollups.rollup_hours(conn, windows, work_mem=settings.rollup_work_mem)
+        result = rollups.rollup_hours(
+            conn, windows, work_mem=settings.rollup_work_mem, side=postgres.get_connection
+        )
         found = _check_results(conn, "telemetry_hourly", windows)
         preview = conn.execute(
             "SELECT bucket, tenant_id, device_id, metric, readings, value_avg, consumption"

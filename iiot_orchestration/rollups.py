@@ -8,11 +8,14 @@ docs/rollups.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from psycopg import sql
 
 from iiot_orchestration.db import query
 from iiot_orchestration.storage import storage_for
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 SERIALIZATION_RETRIES = 5
+
+SideConnection = Callable[[], AbstractContextManager[psycopg.Connection]]
 
 
 @dataclass(frozen=True)
@@ -72,21 +77,33 @@ class RollupResult:
     windows: list[Window]
 
 
-def _work_mem(conn: psycopg.Connection, work_mem: str | None) -> None:
+def session_settings(conn: psycopg.Connection, work_mem: str | None) -> None:
+    """For the current transaction: ``work_mem`` for the hash aggregates and sorts, and no JIT
+    compilation, which costs about 0.1 s per statement, more than it saves on these (an hourly
+    run took 0.52 s with it, 0.41 s without; a day's run the same either way)."""
     if work_mem:
         conn.execute("SELECT set_config('work_mem', %s, true)", (work_mem,))
+    conn.execute("SET LOCAL jit = off")
 
 
 def rollup_hours(
-    conn: psycopg.Connection, windows: list[Window], *, work_mem: str | None = "256MB"
+    conn: psycopg.Connection,
+    windows: list[Window],
+    *,
+    work_mem: str | None = "256MB",
+    side: SideConnection | None = None,
 ) -> RollupResult:
     """Rewrite the hourly buckets of ``windows`` (whole hours) in one repeatable-read
     transaction, and stamp the dirty marks of those hours as rolled up. A mark the daemon
     updates meanwhile makes the transaction fail to serialize; it is retried, so a mark is never
-    stamped for data the rollup did not see."""
+    stamped for data the rollup did not see.
+
+    With ``side`` (a factory of a second connection to the same database) the consumption pass
+    and the raw count run there, at the same time as the statistics, in the same snapshot
+    (exported by the main transaction), so the two passes over the raw rows use two cores."""
     for attempt in range(1, SERIALIZATION_RETRIES + 1):
         try:
-            return _rollup_hours_once(conn, windows, work_mem)
+            return _rollup_hours_once(conn, windows, work_mem, side)
         except psycopg.errors.SerializationFailure:
             if attempt == SERIALIZATION_RETRIES:
                 raise
@@ -108,13 +125,63 @@ def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> No
         conn.autocommit = False
 
 
-def _hourly_insert(mode: str) -> str:
-    stats = query("rollup_hour_stats_cagg" if mode == "timescale" else "rollup_hour_stats_raw")
-    return query("rollup_hours_insert").replace("__STATS__", stats)
+def _stats_query(mode: str) -> str:
+    return query("rollup_hour_stats_cagg" if mode == "timescale" else "rollup_hour_stats_raw")
+
+
+@dataclass(frozen=True)
+class _SidePass:
+    """The consumption rows and the raw reading count of one window."""
+
+    consumption: list[tuple]
+    source_readings: int
+
+
+def _side_pass(conn: psycopg.Connection, window: Window, cumulative: list[str]) -> _SidePass:
+    params = {"start": window.start, "end": window.end, "cumulative": cumulative}
+    rows = conn.execute(query("rollup_consumption"), params).fetchall()
+    source = conn.execute(
+        "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s", params
+    ).fetchone()[0]
+    return _SidePass(rows, source)
+
+
+@contextmanager
+def _side_passes(
+    conn: psycopg.Connection,
+    windows: list[Window],
+    cumulative: list[str],
+    side: SideConnection | None,
+    work_mem: str | None,
+) -> Iterator[Callable[[], list[_SidePass]]]:
+    """The side passes of every window, on a second connection in a thread when ``side`` is
+    given (the result waits for it), else on ``conn`` when the result is asked for."""
+    if side is None:
+        yield lambda: [_side_pass(conn, window, cumulative) for window in windows]
+        return
+    snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+
+    def run() -> list[_SidePass]:
+        with side() as other:
+            other.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with other.transaction():
+                other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                session_settings(other, work_mem)
+                return [_side_pass(other, window, cumulative) for window in windows]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollup-side") as pool:
+        future = pool.submit(run)
+        try:
+            yield future.result
+        finally:
+            future.cancel()
 
 
 def _rollup_hours_once(
-    conn: psycopg.Connection, windows: list[Window], work_mem: str | None
+    conn: psycopg.Connection,
+    windows: list[Window],
+    work_mem: str | None,
+    side: SideConnection | None,
 ) -> RollupResult:
     rows = readings = source = 0
     mode = storage_for(conn).mode
@@ -122,25 +189,39 @@ def _rollup_hours_once(
     if mode == "timescale":
         for window in windows:
             refresh_aggregate(conn, "iiot_aggregates.telemetry_hourly_cagg", window)
-    insert = _hourly_insert(mode)
     previous = conn.isolation_level
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     try:
         with conn.transaction():
-            _work_mem(conn, work_mem)
+            session_settings(conn, work_mem)
+            cumulative = [
+                metric
+                for (metric,) in conn.execute("SELECT metric FROM metric_catalog WHERE cumulative")
+            ]
+            with _side_passes(conn, windows, cumulative, side, work_mem) as side_results:
+                conn.execute(
+                    "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
+                    + _stats_query(mode)
+                    + " WITH NO DATA",
+                    {"start": windows[0].start, "end": windows[0].end},
+                )
+                for window in windows:
+                    params = {"start": window.start, "end": window.end}
+                    conn.execute("INSERT INTO rollup_stats " + _stats_query(mode), params)
+                passes = side_results()
+            _load_consumption(conn, [row for p in passes for row in p.consumption])
             for window in windows:
                 params = {"start": window.start, "end": window.end}
                 conn.execute(query("rollup_hours_delete"), params)
-                rows += conn.execute(insert, params).rowcount
+            rows = conn.execute(query("rollup_hours_insert")).rowcount
+            for window, side_pass in zip(windows, passes, strict=True):
+                params = {"start": window.start, "end": window.end}
                 readings += conn.execute(
                     "SELECT coalesce(sum(readings), 0) FROM telemetry_hourly"
                     " WHERE bucket >= %(start)s AND bucket < %(end)s",
                     params,
                 ).fetchone()[0]
-                source += conn.execute(
-                    "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s",
-                    params,
-                ).fetchone()[0]
+                source += side_pass.source_readings
                 conn.execute(
                     "UPDATE dirty_windows SET rolled_up_at = now()"
                     " WHERE window_start >= %(start)s AND window_start < %(end)s",
@@ -151,6 +232,18 @@ def _rollup_hours_once(
     return RollupResult(rows, int(readings), source, windows)
 
 
+def _load_consumption(conn: psycopg.Connection, rows: list[tuple]) -> None:
+    conn.execute(
+        "CREATE TEMP TABLE rollup_consumption (device_id integer, metric text,"
+        " bucket timestamptz, consumption double precision, counter_resets integer)"
+        " ON COMMIT DROP"
+    )
+    with conn.cursor().copy("COPY rollup_consumption FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["int4", "text", "timestamptz", "float8", "int4"])
+        for row in rows:
+            copy.write_row(row)
+
+
 def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:
     """Rewrite the daily buckets of ``days`` from the hourly ones, then clear the dirty marks of
     those days that the hourly rollup covered and nothing re-marked since."""
@@ -159,6 +252,7 @@ def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:
     if timescale:
         refresh_aggregate(conn, "iiot_aggregates.telemetry_daily_cagg", days)
     with conn.transaction():
+        session_settings(conn, None)
         conn.execute(query("rollup_days_delete"), params)
         insert = query("rollup_days_insert_cagg" if timescale else "rollup_days_insert")
         rows = conn.execute(insert, params).rowcount

@@ -171,6 +171,40 @@ def test_rerunning_a_partition_gives_identical_rows(conn, database_url, seeded):
     assert [row[:-1] for row in all_rows(conn, "telemetry_daily")] == days
 
 
+def test_consumption_steps_from_a_reading_days_before_the_window(conn, database_url, seeded):
+    """The seed is looked up in the day before the window first, then in every older one."""
+    insert(conn, seeded["other"], [("energy_kwh", at(-30), 1.0)])  # 2026-11-18 18:00
+    assert materialize(database_url, selection=[telemetry_hourly]).success
+    rows = hourly_rows(conn, seeded["other"][1])
+    assert rows[("energy_kwh", at(3))][6:] == (6.0, 0)  # 7 - 1, no reset
+
+
+def test_one_connection_gives_the_rows_of_two(conn, database_url, seeded):
+    """The asset runs the consumption pass on a second connection in the exported snapshot;
+    called without one, rollup_hours runs it inline: the same rows either way, and a reading
+    committed while the side pass runs is in neither pass (one snapshot)."""
+    assert materialize(database_url, selection=[telemetry_hourly]).success
+    two = [row[:-1] for row in all_rows(conn, "telemetry_hourly")]
+    with psycopg.connect(database_url) as other:
+        result = rollups.rollup_hours(other, [rollups.Window(DAY, DAY + timedelta(days=1))])
+    in_day = len(READINGS) - 1 + 1  # acme's, less the one of the day before, and other's one
+    assert result.readings == result.source_readings == in_day
+    assert [row[:-1] for row in all_rows(conn, "telemetry_hourly")] == two
+
+    late = ("energy_kwh", at(4.5), 170.0)
+
+    def side():
+        insert(conn, seeded["acme"], [late])  # autocommit: lands before the side pass starts
+        return psycopg.connect(database_url)
+
+    with psycopg.connect(database_url) as main:
+        result = rollups.rollup_hours(
+            main, [rollups.Window(DAY, DAY + timedelta(days=1))], side=side
+        )
+    assert result.readings == result.source_readings == in_day  # not the late one
+    assert [row[:-1] for row in all_rows(conn, "telemetry_hourly")] == two
+
+
 def test_late_data_reruns_only_its_hours_and_clears_the_marks(conn, database_url, seeded):
     assert materialize(database_url).success
     tenant_id, device_id = seeded["acme"]

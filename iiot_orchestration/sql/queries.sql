@@ -145,16 +145,27 @@ SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
 DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
 
 -- name: rollup_hour_stats_raw
--- PostgreSQL mode: one GROUP BY over the window's raw readings; first and last come from
--- min/max of (epoch, value) pairs, which needs no sort per bucket.
-SELECT tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
-       count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
-       max(value) AS value_max,
-       min(ts) AS first_ts, (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS first_value,
-       max(ts) AS last_ts, (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2] AS last_value
-  FROM telemetry
- WHERE ts >= %(start)s AND ts < %(end)s
- GROUP BY tenant_id, device_id, metric, date_trunc('hour', ts, 'UTC')
+-- PostgreSQL mode: one hash GROUP BY over the window's raw readings, buckets by date_bin (plain
+-- arithmetic, unlike a time-zone-aware date_trunc); then the first and last values of each bucket
+-- by primary key, one index probe each, which costs less than carrying (ts, value) pairs through
+-- the aggregate for every reading (the window bounds repeated in the probes let the planner
+-- prune the partitions once, not at every probe).
+SELECT g.*,
+       (SELECT t.value FROM telemetry t
+         WHERE t.device_id = g.device_id AND t.metric = g.metric AND t.ts = g.first_ts
+           AND t.ts >= %(start)s AND t.ts < %(end)s)
+           AS first_value,
+       (SELECT t.value FROM telemetry t
+         WHERE t.device_id = g.device_id AND t.metric = g.metric AND t.ts = g.last_ts
+           AND t.ts >= %(start)s AND t.ts < %(end)s)
+           AS last_value
+  FROM (SELECT tenant_id, device_id, metric,
+               date_bin('1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+               count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
+               max(value) AS value_max, min(ts) AS first_ts, max(ts) AS last_ts
+          FROM telemetry
+         WHERE ts >= %(start)s AND ts < %(end)s
+         GROUP BY 1, 2, 3, 4) g
 
 -- name: rollup_hour_stats_cagg
 -- TimescaleDB mode: the hourly continuous aggregate, refreshed for the window just before.
@@ -163,61 +174,71 @@ SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, val
   FROM iiot_aggregates.telemetry_hourly_cagg
  WHERE bucket >= %(start)s AND bucket < %(end)s
 
+-- name: rollup_consumption
+-- Consumption of the cumulative metrics (%(cumulative)s, from metric_catalog) per device, metric
+-- and hour: each reading's step from the previous one in one ordered pass; the first reading of a
+-- series in the window steps from the last reading before the window, however old: an index
+-- probe per series, only for those first readings, into the day before the window (partitions
+-- pruned when the query is planned), and only when that finds nothing into every older one.
+-- A negative step is a counter reset, whose increase is the new value itself. Definitions:
+-- migration 0008.
+SELECT device_id, metric, date_bin('1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+       coalesce(sum(CASE WHEN step < 0 THEN value ELSE step END), 0) AS consumption,
+       count(*) FILTER (WHERE step < 0) AS counter_resets
+  FROM (SELECT r.device_id, r.metric, r.ts, r.value,
+               r.value - coalesce(
+                   lag(r.value) OVER (PARTITION BY r.device_id, r.metric ORDER BY r.ts),
+                   (SELECT p.value FROM telemetry p
+                     WHERE p.device_id = r.device_id AND p.metric = r.metric
+                       AND p.ts < %(start)s AND p.ts >= %(start)s - interval '1 day'
+                     ORDER BY p.ts DESC LIMIT 1),
+                   (SELECT p.value FROM telemetry p
+                     WHERE p.device_id = r.device_id AND p.metric = r.metric
+                       AND p.ts < %(start)s - interval '1 day'
+                     ORDER BY p.ts DESC LIMIT 1)) AS step
+          FROM telemetry r
+         WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)) steps
+ GROUP BY 1, 2, 3
+
 -- name: rollup_hours_insert
--- The statistics (the placeholder below: rollup_hour_stats_raw or _cagg), then consumption,
--- for cumulative metrics only: each reading's step from the previous one, seeded with the last
--- reading before the window (however old); a negative step is a counter reset, whose increase
--- is the new value itself. See migration 0008 for the definitions.
-WITH stats AS (
-    __STATS__
-), counters AS (
-    SELECT device_id, metric, ts, value
-      FROM telemetry
-     WHERE ts >= %(start)s AND ts < %(end)s
-       AND metric IN (SELECT metric FROM metric_catalog WHERE cumulative)
-), seed AS (
-    SELECT s.device_id, s.metric, p.ts, p.value
-      FROM (SELECT DISTINCT device_id, metric FROM counters) s
-     CROSS JOIN LATERAL (
-           SELECT t.ts, t.value FROM telemetry t
-            WHERE t.device_id = s.device_id AND t.metric = s.metric AND t.ts < %(start)s
-            ORDER BY t.ts DESC LIMIT 1) p
-), steps AS (
-    SELECT device_id, metric, ts, value,
-           value - lag(value) OVER (PARTITION BY device_id, metric ORDER BY ts) AS step
-      FROM (SELECT * FROM counters UNION ALL SELECT * FROM seed) readings
-), consumption AS (
-    SELECT device_id, metric, date_trunc('hour', ts, 'UTC') AS bucket,
-           coalesce(sum(CASE WHEN step < 0 THEN value ELSE step END), 0) AS consumption,
-           count(*) FILTER (WHERE step < 0) AS counter_resets
-      FROM steps
-     WHERE ts >= %(start)s
-     GROUP BY device_id, metric, date_trunc('hour', ts, 'UTC')
-)
+-- The window's statistics (rollup_stats: rollup_hour_stats_raw or _cagg) with the consumption
+-- computed beside them (rollup_consumption, copied from rollup_consumption's rows).
 INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
                               value_min, value_max, value_avg, first_ts, first_value, last_ts,
                               last_value, consumption, counter_resets)
 SELECT s.tenant_id, s.device_id, s.metric, s.bucket, s.readings, s.value_sum, s.value_min,
        s.value_max, s.value_sum / s.readings, s.first_ts, s.first_value, s.last_ts, s.last_value,
        c.consumption, coalesce(c.counter_resets, 0)
-  FROM stats s LEFT JOIN consumption c USING (device_id, metric, bucket)
+  FROM rollup_stats s LEFT JOIN rollup_consumption c USING (device_id, metric, bucket)
 
 -- name: rollup_days_delete
 DELETE FROM telemetry_daily WHERE bucket >= %(start)s AND bucket < %(end)s
 
 -- name: rollup_days_insert
--- Days from the hours: consumption and resets add up; first and last come from the hours'.
+-- Days from the hours: counts, sums, consumption and resets add up; the first and last values
+-- are those of the hours holding the day's first and last readings (a primary-key probe each).
 INSERT INTO telemetry_daily (tenant_id, device_id, metric, bucket, readings, value_sum,
                              value_min, value_max, value_avg, first_ts, first_value, last_ts,
                              last_value, consumption, counter_resets)
-SELECT tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC'), sum(readings),
-       sum(value_sum), min(value_min), max(value_max), sum(value_sum) / sum(readings),
-       min(first_ts), (min(ARRAY[extract(epoch FROM first_ts)::float8, first_value]))[2],
-       max(last_ts), (max(ARRAY[extract(epoch FROM last_ts)::float8, last_value]))[2],
-       sum(consumption), sum(counter_resets)
-  FROM telemetry_hourly
- WHERE bucket >= %(start)s AND bucket < %(end)s
- GROUP BY tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC')
+SELECT g.tenant_id, g.device_id, g.metric, g.bucket, g.readings, g.value_sum, g.value_min,
+       g.value_max, g.value_sum / g.readings, g.first_ts,
+       (SELECT h.first_value FROM telemetry_hourly h
+         WHERE h.tenant_id = g.tenant_id AND h.device_id = g.device_id AND h.metric = g.metric
+           AND h.bucket = date_bin('1 hour', g.first_ts, TIMESTAMPTZ '2000-01-01 00:00+00')),
+       g.last_ts,
+       (SELECT h.last_value FROM telemetry_hourly h
+         WHERE h.tenant_id = g.tenant_id AND h.device_id = g.device_id AND h.metric = g.metric
+           AND h.bucket = date_bin('1 hour', g.last_ts, TIMESTAMPTZ '2000-01-01 00:00+00')),
+       g.consumption, g.counter_resets
+  FROM (SELECT tenant_id, device_id, metric,
+               date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+               sum(readings) AS readings, sum(value_sum) AS value_sum,
+               min(value_min) AS value_min, max(value_max) AS value_max,
+               min(first_ts) AS first_ts, max(last_ts) AS last_ts,
+               sum(consumption) AS consumption, sum(counter_resets) AS counter_resets
+          FROM telemetry_hourly
+         WHERE bucket >= %(start)s AND bucket < %(end)s
+         GROUP BY 1, 2, 3, 4) g
 
 -- name: rollup_days_insert_cagg
 -- TimescaleDB mode: statistics from the daily continuous aggregate (refreshed just before),
