@@ -7,6 +7,7 @@ from iiot_orchestration.resources import PostgresResource
 from sensors import marts as mart_schedules
 from sensors import rollups as rollup_sensors
 from sensors import schedules
+from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([telemetry, rollups, marts]),
@@ -21,7 +22,7 @@ defs = dg.Definitions(
         rollup_sensors.telemetry_rollup_schedule,
         mart_schedules.marts_schedule,
     ],
-    sensors=[rollup_sensors.late_telemetry_sensor],
+    sensors=[rollup_sensors.late_telemetry_sensor, tenant_sensors.tenant_partitions_sensor],
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),
         "dbt": marts.dbt_resource(),
