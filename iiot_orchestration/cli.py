@@ -2,70 +2,25 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import click
 import psycopg
 
 from iiot_orchestration import __version__, migrate, registry
+
+# helpers shared with the command modules (cli_billing, ...), which must not import this module
+from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
-from iiot_orchestration.settings import Settings, SettingsError, describe, load_settings
+from iiot_orchestration.settings import SettingsError, describe
 from iiot_orchestration.signals import stop_on_signals
 
 EXIT_USAGE = 2
-
-
-def _settings() -> Settings:
-    state = click.get_current_context().ensure_object(dict)
-    if "settings" not in state:
-        state["settings"] = load_settings()
-    return state["settings"]
-
-
-def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Print an IiotError as one line on stderr and exit 1, instead of a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except IiotError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S%z")
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value)) or "-"
-    return str(value)
-
-
-def _json(rows: Sequence[dict[str, Any]]) -> str:
-    return json.dumps(rows, indent=2, default=str, ensure_ascii=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -578,6 +533,12 @@ def dev_command(no_dagster: bool) -> None:
 
     sys.exit(run_dev_stack(_settings(), dagster=not no_dagster, echo=click.echo))
 
+
+# command groups defined in their own modules, which import the helpers above
+from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
+
+main.add_command(billing_group)
+tenants.add_command(set_plan_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

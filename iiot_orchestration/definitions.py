@@ -2,27 +2,34 @@
 
 import dagster as dg
 
-from assets import marts, quality, rollups, telemetry
+from assets import billing, marts, quality, rollups, telemetry
 from iiot_orchestration.resources import PostgresResource
+from sensors import billing as billing_schedules
 from sensors import marts as mart_schedules
 from sensors import rollups as rollup_sensors
 from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([telemetry, rollups, marts]),
-    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality]),
+    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing]),
+    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality, billing]),
     jobs=[
         schedules.telemetry_partitions_job,
         rollup_sensors.telemetry_rollups_job,
         mart_schedules.marts_job,
+        billing_schedules.billing_usage_job,
+        billing_schedules.billing_invoice_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
         rollup_sensors.telemetry_rollup_schedule,
         mart_schedules.marts_schedule,
     ],
-    sensors=[rollup_sensors.late_telemetry_sensor, tenant_sensors.tenant_partitions_sensor],
+    sensors=[
+        rollup_sensors.late_telemetry_sensor,
+        tenant_sensors.tenant_partitions_sensor,
+        billing_schedules.nightly_billing_sensor,
+    ],
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),
         "dbt": marts.dbt_resource(),

@@ -338,7 +338,8 @@ def provision_devices(
     """Register devices for a tenant in one transaction, one result per request.
 
     A MAC already registered to the same tenant with the same meter kind is skipped, so a CSV
-    can be re-run safely. Starter and pro tenants are refused devices beyond the plan's quota.
+    can be re-run safely. Starter and pro tenants are refused devices beyond the plan's quota,
+    and any new device while they are over their storage quota (billing.enforce_storage_quota).
     """
     results: list[ProvisionResult] = []
     with conn.transaction():
@@ -396,6 +397,27 @@ def provision_devices(
                             "duplicate MAC: already registered to another tenant",
                         )
                     )
+                continue
+            if owner["hard_block"] and owner["storage_blocked_at"] is not None:
+                results.append(
+                    ProvisionResult(
+                        request.line,
+                        request.mac,
+                        "rejected",
+                        f"storage quota exceeded: plan {owner['plan_id']} blocks new devices "
+                        f"since {owner['storage_blocked_at']:%Y-%m-%d %H:%M %Z} until storage is "
+                        "under the quota again (docs/billing.md)",
+                    )
+                )
+                audit(
+                    conn,
+                    actor=actor,
+                    action="quota.storage_blocked",
+                    entity="device",
+                    entity_id=request.mac,
+                    tenant_id=owner["tenant_id"],
+                    detail={"plan": owner["plan_id"]},
+                )
                 continue
             if owner["hard_block"] and count >= owner["included_devices"]:
                 results.append(

@@ -15,6 +15,7 @@ SELECT t.tenant_id, t.slug, t.name, t.plan_id, t.timezone, t.locale,
 
 -- name: tenant_for_provisioning
 SELECT t.tenant_id, t.status, p.plan_id, p.included_devices, p.hard_block,
+       t.storage_blocked_at,
        (SELECT count(*) FROM devices d
          WHERE d.tenant_id = t.tenant_id AND d.status <> 'decommissioned') AS device_count
   FROM tenants t

@@ -1,0 +1,204 @@
+"""Nightly billing per tenant: daily usage, the monthly invoice (draft, then final) and its PDF
+and XLSX. Rules and rounding: iiot_orchestration/billing.py and docs/billing.md."""
+
+import warnings
+from datetime import date
+
+import dagster as dg
+
+from iiot_orchestration import billing, billing_exports
+from iiot_orchestration.partitions import TENANT_DAYS, TENANT_MONTHS
+from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.settings import load_settings
+
+TOTAL_IS_SUM = "total_equals_lines"
+NO_UNEXPLAINED_CREDIT = "no_negative_line_without_reason"
+RECONCILED = "billed_readings_match_raw"
+EVERY_MONTH_INVOICED = "every_closed_month_invoiced"
+BILLING_ASSET = {"group_name": "billing", "kinds": {"postgres"}, "owners": ["team:finance"]}
+
+
+def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]:
+    keys = context.partition_key.keys_by_dimension
+    return date.fromisoformat(keys[dimension]), keys["tenant"]
+
+
+@dg.asset(
+    partitions_def=TENANT_DAYS,
+    code_version="1",
+    description="What a tenant used on one local day: accepted messages and readings, dead "
+    "letters by reason, rate-limited and over-rate messages, active and provisioned devices, "
+    "estimated storage and consumption per unit (from the marts).",
+    **BILLING_ASSET,
+)
+def billing_daily_usage(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    day, slug = _keys(context, "day")
+    with postgres.get_connection() as conn:
+        who = billing.tenant(conn, slug)
+        [usage] = billing.record_usage(conn, who, [day])
+    return dg.MaterializeResult(
+        metadata={
+            "plan": usage.plan_id,
+            "messages": usage.messages,
+            "readings": usage.readings,
+            "overage_messages": usage.overage_messages,
+            "rate_limited": usage.rate_limited,
+            "dead_letters": dg.MetadataValue.json(usage.dead_letters),
+            "active_devices": usage.active_devices,
+            "provisioned_devices": usage.provisioned_devices,
+            "storage_bytes": usage.storage_bytes,
+            "consumption": dg.MetadataValue.json(usage.consumption),
+        }
+    )
+
+
+with warnings.catch_warnings():
+    # MultiPartitionMapping is marked beta; the tests turn warnings into errors
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    DAYS_OF_THE_MONTH = dg.MultiPartitionMapping(
+        {
+            "day": dg.DimensionPartitionMapping("month", dg.TimeWindowPartitionMapping()),
+            "tenant": dg.DimensionPartitionMapping("tenant", dg.IdentityPartitionMapping()),
+        }
+    )
+
+
+def _lines_markdown(invoice: billing.Invoice) -> str:
+    rows = [
+        "| # | kind | description | quantity | unit price | amount |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {n} | {x.kind} | {x.description} | {x.quantity.normalize():f} {x.unit} | "
+        f"{x.unit_price} | {x.amount} |"
+        for n, x in enumerate(invoice.lines, start=1)
+    ]
+    rows.append(f"| | | **total** | | | **{invoice.total} {invoice.currency}** |")
+    return "\n".join(rows)
+
+
+@dg.asset(
+    partitions_def=TENANT_MONTHS,
+    code_version="1",
+    deps=[dg.AssetDep(billing_daily_usage, partition_mapping=DAYS_OF_THE_MONTH)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            TOTAL_IS_SUM,
+            asset="billing_invoice",
+            blocking=True,
+            description="The stored total equals the sum of the stored lines.",
+        ),
+        dg.AssetCheckSpec(
+            NO_UNEXPLAINED_CREDIT,
+            asset="billing_invoice",
+            blocking=True,
+            description="No negative line without an adjustment reason.",
+        ),
+        dg.AssetCheckSpec(
+            RECONCILED,
+            asset="billing_invoice",
+            description="Readings billed for the period's days equal the raw readings received "
+            "in those local days (while the raw rows are retained).",
+        ),
+    ],
+    description="The tenant's invoice for one billing period: nightly a month-to-date draft, "
+    "final once the period has closed (then immutable: a re-run compares and fails loudly on "
+    "a difference). PDF and XLSX under the reports root.",
+    **BILLING_ASSET,
+)
+def billing_invoice(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    label, slug = _keys(context, "month")
+    with postgres.get_connection() as conn:
+        who = billing.tenant(conn, slug)
+        try:
+            outcome = billing.bill(conn, who, label, actor=f"dagster:{context.run.run_id[:8]}")
+        except billing.BillingError as exc:
+            raise dg.Failure(str(exc)) from exc
+        stored_total, lines_sum, unexplained = conn.execute(
+            "SELECT i.total, coalesce(sum(l.amount), 0),"
+            "       count(*) FILTER (WHERE l.amount < 0 AND coalesce(l.reason, '') = '')"
+            "  FROM invoices i LEFT JOIN invoice_lines l USING (invoice_id)"
+            " WHERE i.invoice_id = %s GROUP BY i.total",
+            (outcome.invoice_id,),
+        ).fetchone()
+        billed, raw = billing.reconcile(
+            conn, who, outcome.invoice.period, billing.local_today(conn, who)
+        )
+    invoice = outcome.invoice
+    files = billing_exports.export(load_settings().reports_root, who, invoice)
+    context.log.info(f"invoice {label:%Y-%m} of {slug}: {outcome.action}, total {invoice.total}")
+    return dg.MaterializeResult(
+        metadata={
+            "status": invoice.status,
+            "action": outcome.action,
+            "total": float(invoice.total),
+            "currency": invoice.currency,
+            "days_billed": invoice.days_billed,
+            "period": f"{invoice.period.start} .. {invoice.period.end}",
+            "lines": dg.MetadataValue.md(_lines_markdown(invoice)),
+            "pdf": dg.MetadataValue.path(str(files.pdf)),
+            "xlsx": dg.MetadataValue.path(str(files.xlsx)),
+            "inputs_sha256": invoice.inputs_sha256,
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=TOTAL_IS_SUM,
+                passed=stored_total == lines_sum,
+                metadata={"total": float(stored_total), "sum_of_lines": float(lines_sum)},
+            ),
+            dg.AssetCheckResult(
+                check_name=NO_UNEXPLAINED_CREDIT,
+                passed=unexplained == 0,
+                metadata={"negative_lines_without_reason": unexplained},
+            ),
+            dg.AssetCheckResult(
+                check_name=RECONCILED,
+                passed=billed == raw,
+                metadata={"billed_readings": billed, "raw_readings": raw},
+            ),
+        ],
+    )
+
+
+@dg.asset_check(
+    asset=billing_invoice,
+    name=EVERY_MONTH_INVOICED,
+    description="Every active tenant has a final invoice for every closed period since it was "
+    "created.",
+)
+def every_closed_month_invoiced(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.get_connection() as conn:
+        missing = missing_invoices(conn)
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={"missing": len(missing), "first_missing": ", ".join(missing[:20])},
+    )
+
+
+def missing_invoices(conn) -> list[str]:
+    """``slug:YYYY-MM`` of every closed period of an active tenant without a final invoice."""
+    missing = []
+    tenants = conn.execute(
+        "SELECT slug, (created_at AT TIME ZONE timezone)::date FROM tenants"
+        " WHERE status = 'active' ORDER BY slug"
+    ).fetchall()
+    for slug, created in tenants:
+        who = billing.tenant(conn, slug)
+        today = billing.local_today(conn, who)
+        final = {
+            period
+            for (period,) in conn.execute(
+                "SELECT period FROM invoices WHERE tenant_id = %s AND status = 'final'",
+                (who.tenant_id,),
+            )
+        }
+        period = billing.period_containing(created, who.cycle_day)
+        while period.end <= today:
+            if period.label not in final:
+                missing.append(f"{slug}:{period.label:%Y-%m}")
+            period = billing.period_of(billing.add_months(period.label, 1), who.cycle_day)
+    return missing

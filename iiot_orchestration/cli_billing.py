@@ -1,0 +1,181 @@
+"""``iiot billing ...`` and ``iiot tenants set-plan``: invoices, adjustments and the billing
+event trail from the command line (docs/billing.md)."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+import click
+
+from iiot_orchestration import billing, billing_exports
+from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.db import connect, set_actor
+from iiot_orchestration.errors import IiotError
+
+TENANT_OPTION = click.option("--tenant", required=True, help="Tenant slug.")
+
+
+def _period(text: str) -> object:
+    return billing.parse_period(text)
+
+
+@click.group("billing")
+def billing_group() -> None:
+    """Invoices, adjustments and the billing event trail."""
+
+
+@billing_group.command("invoice")
+@TENANT_OPTION
+@click.option("--period", required=True, help="Billing period, e.g. 2026-10.")
+@click.option("--export/--no-export", default=True, help="Write the PDF and XLSX [default: on].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def invoice_command(tenant: str, period: str, export: bool, as_json: bool) -> None:
+    """Compute a period's invoice now, as the nightly run does: a month-to-date draft, or the
+    final invoice once the period has closed (a final invoice is only compared)."""
+    label = billing.parse_period(period)
+    settings = _settings()
+    with connect(settings.require_database_url(), role="platform_rw") as conn:
+        who = billing.tenant(conn, tenant)
+        outcome = billing.bill(conn, who, label, actor="cli")
+    invoice = outcome.invoice
+    files = billing_exports.export(settings.reports_root, who, invoice) if export else None
+    if as_json:
+        click.echo(
+            _json(
+                [
+                    {
+                        "tenant": who.slug,
+                        "period": f"{invoice.period.label:%Y-%m}",
+                        "status": invoice.status,
+                        "action": outcome.action,
+                        "currency": invoice.currency,
+                        "total": str(invoice.total),
+                        "lines": [
+                            {k: str(v) if v is not None else None for k, v in vars(x).items()}
+                            for x in invoice.lines
+                        ],
+                        "pdf": str(files.pdf) if files else None,
+                        "xlsx": str(files.xlsx) if files else None,
+                    }
+                ]
+            )
+        )
+        return
+    click.echo(
+        f"{who.slug} {invoice.period.label:%Y-%m} ({invoice.period.start} to "
+        f"{invoice.period.end}, {invoice.days_billed} of {invoice.period.days} days): "
+        f"{invoice.status}, {outcome.action}"
+    )
+    click.echo(
+        _table(
+            ["#", "kind", "description", "quantity", "unit price", "amount"],
+            [
+                [
+                    n,
+                    x.kind,
+                    x.description + (f" ({x.reason})" if x.reason else ""),
+                    f"{x.quantity.normalize():f} {x.unit}".strip(),
+                    x.unit_price,
+                    x.amount,
+                ]
+                for n, x in enumerate(invoice.lines, start=1)
+            ],
+        )
+    )
+    click.echo(f"total {invoice.total} {invoice.currency}")
+    if files:
+        click.echo(f"wrote {files.pdf} and {files.xlsx}")
+
+
+@billing_group.command("adjust")
+@TENANT_OPTION
+@click.option("--period", required=True, help="An open billing period, e.g. 2026-11.")
+@click.option("--amount", required=True, help="Credit (negative) or debit, e.g. -10.00.")
+@click.option("--reason", required=True, help="Why; name the corrected period if another.")
+@click.option("--actor", default="cli", show_default=True, help="Who makes the adjustment.")
+@friendly_errors
+def adjust_command(tenant: str, period: str, amount: str, reason: str, actor: str) -> None:
+    """Add an explicit credit or debit line to a period that is not final yet."""
+    label = billing.parse_period(period)
+    try:
+        value = Decimal(amount.strip())
+    except InvalidOperation:
+        raise IiotError(
+            f"bad amount {amount[:30]!r}: a number of currency units, e.g. -10.00"
+        ) from None
+    if not value.is_finite():
+        raise IiotError(f"bad amount {amount[:30]!r}: a finite number, e.g. -10.00")
+    with connect(_settings().require_database_url(), role="platform_rw") as conn:
+        who = billing.tenant(conn, tenant)
+        adjustment_id = billing.add_adjustment(conn, who, label, value, reason, actor=actor)
+    click.echo(
+        f"adjustment {adjustment_id}: {value} for {who.slug} {label:%Y-%m}; the period's next "
+        "invoice run includes it"
+    )
+
+
+@billing_group.command("events")
+@TENANT_OPTION
+@click.option("--period", help="Only this billing period, e.g. 2026-10.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def events_command(tenant: str, period: str | None, as_json: bool) -> None:
+    """The billing event trail of a tenant (drafts, finalisations, plan changes, adjustments,
+    quota blocks), oldest first."""
+    label = billing.parse_period(period) if period else None
+    with connect(_settings().require_database_url(), role="readonly_audit") as conn:
+        who = billing.tenant(conn, tenant)
+        found = billing.events(conn, who, label)
+    if as_json:
+        click.echo(_json(found))
+        return
+    if not found:
+        click.echo(f"no billing events for {tenant}" + (f" in {period}" if period else ""))
+        return
+    click.echo(
+        _table(
+            ["occurred at", "period", "kind", "actor", "before", "after", "detail"],
+            [
+                [
+                    e["occurred_at"],
+                    e["period"] and f"{e['period']:%Y-%m}",
+                    e["kind"],
+                    e["actor"],
+                    e["before"],
+                    e["after"],
+                    _json_inline(e["detail"]),
+                ]
+                for e in found
+            ],
+        )
+    )
+
+
+def _json_inline(detail: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(detail.items()) if v is not None)
+
+
+@click.command("set-plan")
+@click.argument("slug")
+@click.argument("plan")
+@click.option("--actor", default="cli", show_default=True, help="Who changes the plan.")
+@friendly_errors
+def set_plan_command(slug: str, plan: str, actor: str) -> None:
+    """Move a tenant to another plan now; billing prorates the period by day (docs/billing.md)."""
+    with connect(_settings().require_database_url()) as conn:
+        catalog = billing.plans(conn)
+        if plan not in catalog:
+            raise IiotError(
+                f"unknown plan {plan[:40]!r}: expected one of {', '.join(sorted(catalog))}"
+            )
+        who = billing.tenant(conn, slug)
+        if who.plan_id == plan:
+            click.echo(f"{slug} is already on {plan}; nothing changed")
+            return
+        with conn.transaction():
+            set_actor(conn, actor)
+            conn.execute(
+                "UPDATE tenants SET plan_id = %s WHERE tenant_id = %s", (plan, who.tenant_id)
+            )
+    click.echo(f"{slug}: {who.plan_id} -> {plan}; today and later days bill {plan}")
