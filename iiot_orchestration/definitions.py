@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from assets import billing, marts, quality, rollups, telemetry
+from assets import alerts, billing, marts, quality, rollups, telemetry
 from iiot_orchestration.resources import PostgresResource
+from sensors import alerts as alert_sensors
 from sensors import billing as billing_schedules
 from sensors import marts as mart_schedules
 from sensors import rollups as rollup_sensors
@@ -11,7 +12,7 @@ from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing]),
+    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing, alerts]),
     asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality, billing]),
     jobs=[
         schedules.telemetry_partitions_job,
@@ -19,16 +20,22 @@ defs = dg.Definitions(
         mart_schedules.marts_job,
         billing_schedules.billing_usage_job,
         billing_schedules.billing_invoice_job,
+        alert_sensors.threshold_alerts_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
         rollup_sensors.telemetry_rollup_schedule,
         mart_schedules.marts_schedule,
+        alert_sensors.threshold_alerts_schedule,
     ],
     sensors=[
         rollup_sensors.late_telemetry_sensor,
         tenant_sensors.tenant_partitions_sensor,
         billing_schedules.nightly_billing_sensor,
+        alert_sensors.run_failure_alert_sensor,
+        alert_sensors.dead_letter_backlog_sensor,
+        alert_sensors.ingest_freshness_sensor,
+        alert_sensors.certificate_expiry_sensor,
     ],
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),

@@ -129,6 +129,19 @@ def _memory_size(raw: str) -> str:
     return raw
 
 
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    return raw.strip()
+
+
+def _text(raw: str) -> str:
+    if not raw.strip() or len(raw) > 200 or any(c.isspace() for c in raw.strip()):
+        raise ValueError("empty, longer than 200 characters or containing spaces")
+    return raw.strip()
+
+
 def _host(raw: str) -> str:
     if not re.match(r"^[A-Za-z0-9.:-]+$", raw):
         raise ValueError("must be a host name or IP address")
@@ -298,6 +311,49 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 65535),
     ),
     Variable(
+        "IIOT_ALERT_WEBHOOK_URL",
+        None,
+        "an http:// or https:// URL",
+        "Generic JSON webhook every alert is POSTed to (docs/alerts.md). Unset, and no "
+        "Telegram: alerts go to the log.",
+        _http_url,
+    ),
+    Variable(
+        "IIOT_TELEGRAM_BOT_TOKEN",
+        None,
+        "a bot token",
+        "Telegram bot that sends alerts to IIOT_TELEGRAM_CHAT_ID (shown masked).",
+        _text,
+    ),
+    Variable(
+        "IIOT_TELEGRAM_CHAT_ID",
+        None,
+        "a chat id such as -100123 or @channel",
+        "Chat the Telegram bot posts alerts to.",
+        _text,
+    ),
+    Variable(
+        "IIOT_TELEGRAM_API_URL",
+        "https://api.telegram.org",
+        "an http:// or https:// URL",
+        "Base URL of the Telegram-compatible bot API.",
+        _http_url,
+    ),
+    Variable(
+        "IIOT_ALERT_DEDUP_MINUTES",
+        "30",
+        "a whole number from 1 to 10080",
+        "The same alert (same key) is not sent again within this many minutes.",
+        _int_range(1, 10080),
+    ),
+    Variable(
+        "IIOT_ALERT_DEAD_LETTER_THRESHOLD",
+        "100",
+        "a whole number from 1 to 1000000000",
+        "Dead letters in the last hour above which the dead-letter backlog sensor alerts.",
+        _int_range(1, 1_000_000_000),
+    ),
+    Variable(
         "IIOT_LOG_LEVEL",
         "INFO",
         "DEBUG, INFO, WARNING or ERROR",
@@ -333,6 +389,12 @@ class Settings:
     dagster_host: str
     dagster_port: int
     log_level: str
+    alert_webhook_url: str | None = None
+    telegram_bot_token: str | None = None
+    telegram_chat_id: str | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    alert_dedup_minutes: int = 30
+    alert_dead_letter_threshold: int = 100
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -420,6 +482,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dagster_host=values["IIOT_DAGSTER_HOST"],
         dagster_port=values["IIOT_DAGSTER_PORT"],
         log_level=values["IIOT_LOG_LEVEL"],
+        alert_webhook_url=values["IIOT_ALERT_WEBHOOK_URL"],
+        telegram_bot_token=values["IIOT_TELEGRAM_BOT_TOKEN"],
+        telegram_chat_id=values["IIOT_TELEGRAM_CHAT_ID"],
+        telegram_api_url=values["IIOT_TELEGRAM_API_URL"],
+        alert_dedup_minutes=values["IIOT_ALERT_DEDUP_MINUTES"],
+        alert_dead_letter_threshold=values["IIOT_ALERT_DEAD_LETTER_THRESHOLD"],
         sources=sources,
     )
 
@@ -450,6 +518,12 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_DAGSTER_HOST": settings.dagster_host,
         "IIOT_DAGSTER_PORT": settings.dagster_port,
         "IIOT_LOG_LEVEL": settings.log_level,
+        "IIOT_ALERT_WEBHOOK_URL": settings.alert_webhook_url,
+        "IIOT_TELEGRAM_BOT_TOKEN": settings.telegram_bot_token and "***",
+        "IIOT_TELEGRAM_CHAT_ID": settings.telegram_chat_id,
+        "IIOT_TELEGRAM_API_URL": settings.telegram_api_url,
+        "IIOT_ALERT_DEDUP_MINUTES": settings.alert_dedup_minutes,
+        "IIOT_ALERT_DEAD_LETTER_THRESHOLD": settings.alert_dead_letter_threshold,
     }
     rows = []
     for var in VARIABLES:

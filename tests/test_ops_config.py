@@ -1,0 +1,61 @@
+"""The Prometheus rules and the Grafana dashboard refer only to metrics the ingest daemon
+exports and to tables that exist; their SQL runs."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ingest_daemon.metrics import IngestMetrics
+
+OPS = Path(__file__).resolve().parents[1] / "ops"
+NAME = re.compile(r"\biiot_[a-z_]+\b")
+
+
+def exported_names() -> set[str]:
+    metrics = IngestMetrics()
+    metrics.dead_letters.labels(reason="bad_json").inc()  # labelled families show samples
+    names = set()
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+    return names
+
+
+def test_alert_rules_are_complete_and_use_exported_metrics():
+    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
+    [group] = rules["groups"]
+    names = exported_names()
+    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    assert {"IngestDown", "DatabaseDown", "DeadLetterSpike", "IngestLag"} <= alerts.keys()
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"], name
+        used = set(NAME.findall(rule["expr"]))
+        assert used <= names, (name, used - names)
+
+
+def test_dashboard_uses_exported_metrics_and_valid_sql(conn):
+    dashboard = json.loads((OPS / "grafana" / "iiot-ingest.json").read_text())
+    names = exported_names()
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    sql_panels = 0
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            if "expr" in target:
+                used = set(NAME.findall(target["expr"]))
+                assert used <= names, (panel["title"], used - names)
+            else:
+                conn.execute(target["rawSql"]).fetchall()  # runs against the schema
+                sql_panels += 1
+    assert sql_panels >= 3
+
+
+@pytest.mark.parametrize(
+    "name", ["iiot_ingest_messages_received_total", "iiot_ingest_lag_seconds_bucket"]
+)
+def test_the_names_the_rules_rely_on_exist(name):
+    assert name in exported_names()
