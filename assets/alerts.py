@@ -1,5 +1,7 @@
 """Threshold rules on telemetry, evaluated over the latest rollups (docs/alerts.md)."""
 
+from datetime import timedelta
+
 import dagster as dg
 
 from iiot_orchestration import alerts
@@ -12,6 +14,9 @@ from iiot_orchestration.settings import load_settings
     kinds={"postgres"},
     owners=["team:platform"],
     code_version="1",
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(minutes=20), warn_window=timedelta(minutes=10)
+    ),
     description="Evaluates every enabled rule in alert_rules (above/below a value, rate of "
     "change, no data for N minutes) over the latest hourly rollups and devices' last_seen: "
     "opens an alert per rule and device whose condition holds, resolves those whose condition "

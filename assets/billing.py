@@ -2,7 +2,7 @@
 and XLSX. Rules and rounding: iiot_orchestration/billing.py and docs/billing.md."""
 
 import warnings
-from datetime import date
+from datetime import date, timedelta
 
 import dagster as dg
 
@@ -15,7 +15,15 @@ TOTAL_IS_SUM = "total_equals_lines"
 NO_UNEXPLAINED_CREDIT = "no_negative_line_without_reason"
 RECONCILED = "billed_readings_match_raw"
 EVERY_MONTH_INVOICED = "every_closed_month_invoiced"
-BILLING_ASSET = {"group_name": "billing", "kinds": {"postgres"}, "owners": ["team:finance"]}
+BILLING_ASSET = {
+    "group_name": "billing",
+    "kinds": {"postgres"},
+    "owners": ["team:finance"],
+    # nightly at 02:00 in each tenant's time zone: a day without any billing run is late
+    "freshness_policy": dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
+    ),
+}
 
 
 def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]:
@@ -26,6 +34,7 @@ def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]
 @dg.asset(
     partitions_def=TENANT_DAYS,
     code_version="1",
+    deps=[dg.AssetKey("consumption_daily")],  # the dbt mart its consumption comes from
     description="What a tenant used on one local day: accepted messages and readings, dead "
     "letters by reason, rate-limited and over-rate messages, active and provisioned devices, "
     "estimated storage and consumption per unit (from the marts).",

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ with warnings.catch_warnings():
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt_models"
 MARTS_GROUP = "marts"
+MARTS_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
+)
 # dbt scrubs the values of DBT_ENV_SECRET_* variables from its logs
 PASSWORD_VARIABLE = "DBT_ENV_SECRET_IIOT_PASSWORD"  # noqa: S105 - a name, not a password
 # `dbt parse` renders the profile but never connects: values for the variables nobody set
@@ -125,6 +129,11 @@ class MartsTranslator(DagsterDbtTranslator):
 
     def get_owners(self, dbt_resource_props: Mapping[str, Any]) -> list[str] | None:
         return ["team:data"]
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: Any) -> Any:
+        """Each model's spec, with the marts' freshness policy: rebuilt daily at 00:45 UTC."""
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        return dg.apply_freshness_policy(spec, MARTS_FRESHNESS)
 
 
 @dbt_assets(

@@ -32,6 +32,10 @@ ROLLUP_ASSET = {
     "kinds": {"postgres"},
     "owners": ["team:data"],
     "code_version": "1",
+    # the hourly schedule runs a few minutes past every hour: two hours without a run is late
+    "freshness_policy": dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=2), warn_window=timedelta(minutes=75)
+    ),
 }
 
 

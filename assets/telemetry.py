@@ -16,6 +16,11 @@ PARTITIONS_BEHIND_DAYS = 1
     group_name="ingest",
     kinds={"postgres"},
     owners=["team:platform"],
+    code_version="1",
+    # created daily at 00:15 UTC; a missed day still leaves IIOT_PARTITIONS_AHEAD_DAYS of margin
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=49), warn_window=timedelta(hours=25)
+    ),
     check_specs=[
         dg.AssetCheckSpec(
             PARTITIONS_AHEAD_CHECK,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from iiot_orchestration import alerts
@@ -177,3 +179,23 @@ def disable_command(rule_id: int) -> None:
 def delete_command(rule_id: int) -> None:
     """Delete a rule (its alerts stay, as history)."""
     _set_enabled(rule_id, None)
+
+
+@click.command("dagster-metrics")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface of /metrics.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9110, show_default=True)
+@friendly_errors
+def dagster_metrics_command(host: str, port: int) -> None:
+    """Serve Dagster run outcomes (runs per job and status in the last 24 h, last success per
+    job) as Prometheus metrics, for the instance in DAGSTER_HOME."""
+    import dagster as dg
+
+    from iiot_orchestration.dagster_metrics import serve
+
+    try:
+        instance = dg.DagsterInstance.get()
+    except dg.DagsterInvariantViolationError as exc:
+        raise alerts.AlertError(f"no Dagster instance: {exc}".splitlines()[0]) from None
+    click.echo(f"serving Dagster run metrics on http://{host}:{port}/metrics (Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(instance, host, port)

@@ -5,7 +5,9 @@ import dagster as dg
 from assets.telemetry import telemetry_partitions
 
 telemetry_partitions_job = dg.define_asset_job(
-    "telemetry_partitions_job", selection=[telemetry_partitions]
+    "telemetry_partitions_job",
+    selection=[telemetry_partitions],
+    description="Create the telemetry partitions of the coming days (PostgreSQL mode).",
 )
 
 telemetry_partitions_schedule = dg.ScheduleDefinition(

@@ -14,6 +14,9 @@ OPS = Path(__file__).resolve().parents[1] / "ops"
 NAME = re.compile(r"\biiot_[a-z_]+\b")
 
 
+DAGSTER_NAMES = {"iiot_dagster_runs", "iiot_dagster_last_success_timestamp_seconds"}
+
+
 def exported_names() -> set[str]:
     metrics = IngestMetrics()
     metrics.dead_letters.labels(reason="bad_json").inc()  # labelled families show samples
@@ -21,15 +24,15 @@ def exported_names() -> set[str]:
     for family in metrics.registry.collect():
         for sample in family.samples:
             names.add(sample.name)
-    return names
+    return names | DAGSTER_NAMES
 
 
 def test_alert_rules_are_complete_and_use_exported_metrics():
     rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
-    [group] = rules["groups"]
     names = exported_names()
-    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
     assert {"IngestDown", "DatabaseDown", "DeadLetterSpike", "IngestLag"} <= alerts.keys()
+    assert "DagsterRunFailures" in alerts
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"], name
@@ -59,3 +62,36 @@ def test_dashboard_uses_exported_metrics_and_valid_sql(conn):
 )
 def test_the_names_the_rules_rely_on_exist(name):
     assert name in exported_names()
+
+
+def test_dagster_run_outcomes_as_metrics():
+    import dagster as dg
+    from prometheus_client import generate_latest
+
+    from iiot_orchestration.dagster_metrics import registry_for
+
+    @dg.op
+    def fine():
+        return 1
+
+    @dg.op
+    def broken():
+        raise RuntimeError("no")
+
+    @dg.job
+    def steady():
+        fine()
+
+    @dg.job
+    def fragile():
+        broken()
+
+    with dg.instance_for_test() as instance:
+        steady.execute_in_process(instance=instance)
+        steady.execute_in_process(instance=instance)
+        fragile.execute_in_process(instance=instance, raise_on_error=False)
+        text = generate_latest(registry_for(instance)).decode()
+    assert 'iiot_dagster_runs{job="steady",status="SUCCESS"} 2.0' in text
+    assert 'iiot_dagster_runs{job="fragile",status="FAILURE"} 1.0' in text
+    assert 'iiot_dagster_last_success_timestamp_seconds{job="steady"}' in text
+    assert 'iiot_dagster_last_success_timestamp_seconds{job="fragile"}' not in text
