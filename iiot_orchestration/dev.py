@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -167,12 +168,19 @@ def _spawn(
     )
 
 
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the child's whole session (its own process group): the Dagster webserver and
+    daemon start code servers of their own, which must not outlive them."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
 def _stop_processes(
     processes: dict[str, subprocess.Popen[bytes]], echo: Callable[[str], None]
 ) -> None:
     for process in processes.values():
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
     for name, process in processes.items():
         try:
             process.wait(20)
@@ -180,6 +188,7 @@ def _stop_processes(
             echo(f"{name} did not stop within 20 s; killing it")
             process.kill()
             process.wait()
+        _signal_group(process, signal.SIGKILL)  # whatever of its group is left
 
 
 def run_dev_stack(
