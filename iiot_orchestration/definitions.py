@@ -2,18 +2,19 @@
 
 import dagster as dg
 
-from assets import alerts, billing, marts, quality, rollups, telemetry
+from assets import alerts, billing, marts, quality, reports, rollups, telemetry
 from iiot_orchestration.resources import PostgresResource
 from sensors import alerts as alert_sensors
 from sensors import billing as billing_schedules
 from sensors import marts as mart_schedules
+from sensors import reports as report_sensors
 from sensors import rollups as rollup_sensors
 from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing, alerts]),
-    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality, billing]),
+    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing, alerts, reports]),
+    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality, billing, reports]),
     jobs=[
         schedules.telemetry_partitions_job,
         rollup_sensors.telemetry_rollups_job,
@@ -21,12 +22,15 @@ defs = dg.Definitions(
         billing_schedules.billing_usage_job,
         billing_schedules.billing_invoice_job,
         alert_sensors.threshold_alerts_job,
+        report_sensors.consumption_reports_job,
+        report_sensors.report_coverage_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
         rollup_sensors.telemetry_rollup_schedule,
         mart_schedules.marts_schedule,
         alert_sensors.threshold_alerts_schedule,
+        report_sensors.report_coverage_schedule,
     ],
     sensors=[
         rollup_sensors.late_telemetry_sensor,
@@ -36,6 +40,7 @@ defs = dg.Definitions(
         alert_sensors.dead_letter_backlog_sensor,
         alert_sensors.ingest_freshness_sensor,
         alert_sensors.certificate_expiry_sensor,
+        report_sensors.closed_month_reports_sensor,
     ],
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),

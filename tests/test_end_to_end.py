@@ -20,8 +20,10 @@ import psycopg
 import pytest
 
 from assets.marts import dbt_resource, marts
+from assets.reports import consumption_report
 from assets.rollups import telemetry_daily, telemetry_hourly
-from iiot_orchestration import billing, registry
+from iiot_orchestration import billing, billing_exports, registry
+from iiot_orchestration.partitions import TENANTS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.services import free_port
 from iiot_orchestration.storage import storage_for
@@ -111,7 +113,9 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
-def test_fleet_to_rollups_marts_billing_and_reports(conn, database_url, fleet, tmp_path):
+def test_fleet_to_rollups_marts_billing_and_reports(
+    conn, database_url, fleet, tmp_path, monkeypatch
+):
     env, _, _ = fleet
     finish(simulate(env))
     assert wait_for(lambda: count(conn, "telemetry") == READINGS, 60)
@@ -150,11 +154,29 @@ def test_fleet_to_rollups_marts_billing_and_reports(conn, database_url, fleet, t
         READINGS,
     )
 
-    from iiot_orchestration import billing_exports
-
     files = billing_exports.export(Path(env["IIOT_REPORTS_ROOT"]), who, outcome.invoice)
     assert files.pdf.stat().st_size > 1000
     assert files.xlsx.stat().st_size > 1000
+
+    # the month's consumption report, through its asset, with the totals check reading it back
+    monkeypatch.setenv("IIOT_REPORTS_ROOT", env["IIOT_REPORTS_ROOT"])
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(TENANTS, ["acme"])
+        reported = dg.materialize(
+            [consumption_report],
+            partition_key=tenant_key(f"{label}", "acme"),
+            instance=instance,
+            resources=resources,
+        )
+    assert reported.success
+    assert all(e.passed for e in reported.get_asset_check_evaluations())
+    folder = Path(env["IIOT_REPORTS_ROOT"]) / "acme" / f"{label:%Y-%m}"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "consumption.pdf",
+        "consumption.xlsx",
+        "invoice.pdf",
+        "invoice.xlsx",
+    ]
 
 
 def test_a_malformed_burst_is_dead_lettered_while_the_rest_flows(conn, fleet, ingest_broker):
