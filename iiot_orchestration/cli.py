@@ -536,6 +536,7 @@ def dev_command(no_dagster: bool) -> None:
 
 # command groups defined in their own modules, which import the helpers above
 from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command  # noqa: E402
+from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
 from iiot_orchestration.cli_report import report_command  # noqa: E402
 
@@ -544,6 +545,7 @@ main.add_command(alerts_group)
 main.add_command(dagster_metrics_command)
 tenants.add_command(set_plan_command)
 main.add_command(report_command)
+main.add_command(backup_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -2,9 +2,11 @@
 
 import dagster as dg
 
-from assets import alerts, billing, marts, quality, reports, rollups, telemetry
+from assets import alerts, backups, billing, marts, quality, reports, rollups, telemetry
+from assets.backups import BackupResource
 from iiot_orchestration.resources import PostgresResource
 from sensors import alerts as alert_sensors
+from sensors import backups as backup_schedules
 from sensors import billing as billing_schedules
 from sensors import marts as mart_schedules
 from sensors import reports as report_sensors
@@ -13,8 +15,12 @@ from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([telemetry, rollups, marts, billing, alerts, reports]),
-    asset_checks=dg.load_asset_checks_from_modules([telemetry, rollups, quality, billing, reports]),
+    assets=dg.load_assets_from_modules(
+        [telemetry, rollups, marts, billing, alerts, reports, backups]
+    ),
+    asset_checks=dg.load_asset_checks_from_modules(
+        [telemetry, rollups, quality, billing, reports, backups]
+    ),
     jobs=[
         schedules.telemetry_partitions_job,
         rollup_sensors.telemetry_rollups_job,
@@ -24,6 +30,9 @@ defs = dg.Definitions(
         alert_sensors.threshold_alerts_job,
         report_sensors.consumption_reports_job,
         report_sensors.report_coverage_job,
+        backup_schedules.database_backup_job,
+        backup_schedules.restore_drill_job,
+        backup_schedules.backup_checks_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
@@ -31,6 +40,9 @@ defs = dg.Definitions(
         mart_schedules.marts_schedule,
         alert_sensors.threshold_alerts_schedule,
         report_sensors.report_coverage_schedule,
+        backup_schedules.database_backup_schedule,
+        backup_schedules.restore_drill_schedule,
+        backup_schedules.backup_checks_schedule,
     ],
     sensors=[
         rollup_sensors.late_telemetry_sensor,
@@ -45,5 +57,6 @@ defs = dg.Definitions(
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),
         "dbt": marts.dbt_resource(),
+        "backup": BackupResource(),
     },
 )

@@ -142,6 +142,33 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+PLAN_ID = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
+
+
+def _per_plan(low: int, high: int) -> Callable[[str], tuple[tuple[str, int], ...]]:
+    """``plan=number`` pairs separated by commas, e.g. ``starter=48,pro=26``."""
+
+    def parse(raw: str) -> tuple[tuple[str, int], ...]:
+        pairs: dict[str, int] = {}
+        for item in raw.split(","):
+            plan, sep, number = item.strip().partition("=")
+            plan, number = plan.strip(), number.strip()
+            if not sep or not PLAN_ID.match(plan):
+                raise ValueError(f"{item.strip()[:40]!r} is not plan=number")
+            if plan in pairs:
+                raise ValueError(f"plan {plan} is given twice")
+            if not re.fullmatch(r"[0-9]{1,9}", number) or not low <= int(number) <= high:
+                raise ValueError(f"{plan}: must be a whole number from {low} to {high}")
+            pairs[plan] = int(number)
+        return tuple(pairs.items())
+
+    return parse
+
+
+def per_plan_text(pairs: tuple[tuple[str, int], ...]) -> str:
+    return ",".join(f"{plan}={value}" for plan, value in pairs)
+
+
 def _host(raw: str) -> str:
     if not re.match(r"^[A-Za-z0-9.:-]+$", raw):
         raise ValueError("must be a host name or IP address")
@@ -245,6 +272,46 @@ VARIABLES: tuple[Variable, ...] = (
         "a directory path",
         "Database backups and their manifests. Unset: `<IIOT_DATA_DIR>/backups`.",
         _path,
+    ),
+    Variable(
+        "IIOT_BACKUP_DATABASE_URL",
+        None,
+        "postgresql://user@host:port/database",
+        "Login that `pg_dump` and the restore drill use: reads every table past row security "
+        "and may create databases (docs/backups.md). Unset: IIOT_DATABASE_URL.",
+        _database_url,
+    ),
+    Variable(
+        "IIOT_BACKUP_KEEP_DAILY",
+        "7",
+        "a whole number from 1 to 366",
+        "Backups kept for the newest days that have one (the newest backup of each day).",
+        _int_range(1, 366),
+    ),
+    Variable(
+        "IIOT_BACKUP_KEEP_WEEKLY",
+        "4",
+        "a whole number from 0 to 520",
+        "Backups kept for the newest ISO weeks that have one (the newest of each week), on top "
+        "of the daily ones.",
+        _int_range(0, 520),
+    ),
+    Variable(
+        "IIOT_BACKUP_RPO_HOURS",
+        "starter=48,pro=26,enterprise=26",
+        "plan=hours pairs, e.g. starter=48,pro=26",
+        "Recovery point objective per plan: the newest backup must be younger than this. The "
+        "database's target is the strictest among the plans of active tenants; a plan not "
+        "listed gets the strictest listed value.",
+        _per_plan(1, 8760),
+    ),
+    Variable(
+        "IIOT_BACKUP_RTO_MINUTES",
+        "starter=480,pro=240,enterprise=60",
+        "plan=minutes pairs, e.g. starter=480,pro=240",
+        "Recovery time objective per plan: a restore drill's checksum, restore and verification "
+        "must take less than this (same rule for the database's target).",
+        _per_plan(1, 10080),
     ),
     Variable(
         "IIOT_REPORTS_ROOT",
@@ -395,6 +462,19 @@ class Settings:
     telegram_api_url: str = "https://api.telegram.org"
     alert_dedup_minutes: int = 30
     alert_dead_letter_threshold: int = 100
+    backup_database_url: str | None = None
+    backup_keep_daily: int = 7
+    backup_keep_weekly: int = 4
+    backup_rpo_hours: tuple[tuple[str, int], ...] = (
+        ("starter", 48),
+        ("pro", 26),
+        ("enterprise", 26),
+    )
+    backup_rto_minutes: tuple[tuple[str, int], ...] = (
+        ("starter", 480),
+        ("pro", 240),
+        ("enterprise", 60),
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -488,6 +568,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         telegram_api_url=values["IIOT_TELEGRAM_API_URL"],
         alert_dedup_minutes=values["IIOT_ALERT_DEDUP_MINUTES"],
         alert_dead_letter_threshold=values["IIOT_ALERT_DEAD_LETTER_THRESHOLD"],
+        backup_database_url=values["IIOT_BACKUP_DATABASE_URL"] or database_url,
+        backup_keep_daily=values["IIOT_BACKUP_KEEP_DAILY"],
+        backup_keep_weekly=values["IIOT_BACKUP_KEEP_WEEKLY"],
+        backup_rpo_hours=values["IIOT_BACKUP_RPO_HOURS"],
+        backup_rto_minutes=values["IIOT_BACKUP_RTO_MINUTES"],
         sources=sources,
     )
 
@@ -508,6 +593,11 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_DATA_DIR": settings.data_dir,
         "IIOT_ARCHIVE_ROOT": settings.archive_root,
         "IIOT_BACKUP_ROOT": settings.backup_root,
+        "IIOT_BACKUP_DATABASE_URL": settings.backup_database_url,
+        "IIOT_BACKUP_KEEP_DAILY": settings.backup_keep_daily,
+        "IIOT_BACKUP_KEEP_WEEKLY": settings.backup_keep_weekly,
+        "IIOT_BACKUP_RPO_HOURS": per_plan_text(settings.backup_rpo_hours),
+        "IIOT_BACKUP_RTO_MINUTES": per_plan_text(settings.backup_rto_minutes),
         "IIOT_REPORTS_ROOT": settings.reports_root,
         "IIOT_PARTITIONS_AHEAD_DAYS": settings.partitions_ahead_days,
         "IIOT_ROLLUP_LAG_MINUTES": settings.rollup_lag_minutes,

@@ -91,6 +91,17 @@ def test_explicit_dagster_url_wins():
         ("IIOT_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
         ("IIOT_DATA_DIR", "bad\x00dir", "directory path"),
         ("IIOT_ARCHIVE_ROOT", "   ", "directory path"),
+        ("IIOT_BACKUP_DATABASE_URL", "mysql://root@db/iiot", "postgresql://"),
+        ("IIOT_BACKUP_KEEP_DAILY", "0", "1 to 366"),
+        ("IIOT_BACKUP_KEEP_WEEKLY", "-1", "0 to 520"),
+        ("IIOT_BACKUP_RPO_HOURS", "starter", "is not plan=number"),
+        ("IIOT_BACKUP_RPO_HOURS", "starter=48,starter=24", "plan starter is given twice"),
+        ("IIOT_BACKUP_RPO_HOURS", "starter=0", "from 1 to 8760"),
+        ("IIOT_BACKUP_RPO_HOURS", "Starter=4", "is not plan=number"),
+        ("IIOT_BACKUP_RPO_HOURS", "pro=1;rm -rf /", "from 1 to 8760"),
+        ("IIOT_BACKUP_RPO_HOURS", "pro=\uff11\uff12", "from 1 to 8760"),
+        ("IIOT_BACKUP_RTO_MINUTES", "pro=60,,", "is not plan=number"),
+        ("IIOT_BACKUP_RTO_MINUTES", "pro=99999", "from 1 to 10080"),
     ],
 )
 def test_bad_value_names_variable_and_expected_form(name, value, expected):
@@ -99,6 +110,30 @@ def test_bad_value_names_variable_and_expected_form(name, value, expected):
     message = str(info.value)
     assert message.startswith(f"{name}=")
     assert expected in message
+
+
+def test_backup_settings_default_and_parse():
+    defaults = load_settings({"IIOT_DATABASE_URL": "postgresql://app@db/iiot"})
+    assert defaults.backup_database_url == "postgresql://app@db/iiot"
+    assert (defaults.backup_keep_daily, defaults.backup_keep_weekly) == (7, 4)
+    assert defaults.backup_rpo_hours == (("starter", 48), ("pro", 26), ("enterprise", 26))
+    assert defaults.backup_rto_minutes == (("starter", 480), ("pro", 240), ("enterprise", 60))
+    chosen = load_settings(
+        {
+            "IIOT_DATABASE_URL": "postgresql://app@db/iiot",
+            "IIOT_BACKUP_DATABASE_URL": "postgresql://backup:pw@db/iiot",
+            "IIOT_BACKUP_RPO_HOURS": " pro = 12 , gold_plus=1 ",
+            "IIOT_BACKUP_KEEP_WEEKLY": "0",
+        }
+    )
+    assert chosen.backup_database_url == "postgresql://backup:pw@db/iiot"
+    assert chosen.backup_rpo_hours == (("pro", 12), ("gold_plus", 1))
+    assert chosen.backup_keep_weekly == 0
+    rows = {r[0]: r for r in describe(chosen)}
+    assert rows["IIOT_BACKUP_RPO_HOURS"][1:] == ("pro=12,gold_plus=1", "environment")
+    assert "pw" not in rows["IIOT_BACKUP_DATABASE_URL"][1]
+    assert rows["IIOT_BACKUP_DATABASE_URL"][2] == "environment"
+    assert {r[0]: r for r in describe(defaults)}["IIOT_BACKUP_DATABASE_URL"][2] == "derived"
 
 
 def test_oversized_value_is_shortened_in_the_message():

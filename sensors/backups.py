@@ -1,0 +1,64 @@
+"""When backups and drills run: a backup every night, a restore drill every week, and the backup
+checks every hour, so a missed backup shows long before the next drill."""
+
+import dagster as dg
+
+from assets.backups import (
+    backup_within_rpo,
+    database_backup,
+    drill_recent_and_passed,
+    drill_rto_within_target,
+    restore_drill,
+)
+
+BACKUP_CRON = "0 3 * * *"  # midnight in Sao Paulo; the dump is one snapshot whatever else runs
+DRILL_CRON = "0 5 * * 0"  # Sundays, two hours after that night's backup
+CHECKS_CRON = "40 * * * *"
+
+database_backup_job = dg.define_asset_job(
+    "database_backup_job",
+    selection=dg.AssetSelection.assets(database_backup),
+    description="Back up the database (pg_dump with a manifest), rotate old backups, check them.",
+)
+
+restore_drill_job = dg.define_asset_job(
+    "restore_drill_job",
+    selection=dg.AssetSelection.assets(restore_drill),
+    description="Restore the newest backup into a scratch database, verify it, record RTO/RPO.",
+)
+
+backup_checks_job = dg.define_asset_job(
+    "backup_checks_job",
+    selection=dg.AssetSelection.checks(
+        backup_within_rpo, drill_recent_and_passed, drill_rto_within_target
+    ),
+    description="Checks the newest backup's age and the last drill's outcome and RTO.",
+)
+
+database_backup_schedule = dg.ScheduleDefinition(
+    name="database_backup_schedule",
+    job=database_backup_job,
+    cron_schedule=BACKUP_CRON,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Backs up the database every night at 03:00 UTC.",
+)
+
+restore_drill_schedule = dg.ScheduleDefinition(
+    name="restore_drill_schedule",
+    job=restore_drill_job,
+    cron_schedule=DRILL_CRON,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Restore drill of the newest backup every Sunday at 05:00 UTC.",
+)
+
+backup_checks_schedule = dg.ScheduleDefinition(
+    name="backup_checks_schedule",
+    job=backup_checks_job,
+    cron_schedule=CHECKS_CRON,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Hourly: the newest backup is within the RPO target, the last drill passed "
+    "within 8 days and met the RTO target.",
+)
