@@ -52,6 +52,7 @@ defs = dg.Definitions(
         alert_sensors.dead_letter_backlog_sensor,
         alert_sensors.ingest_freshness_sensor,
         alert_sensors.certificate_expiry_sensor,
+        alert_sensors.restore_drill_sensor,
         report_sensors.closed_month_reports_sensor,
     ],
     resources={

@@ -181,3 +181,60 @@ def certificate_expiry_sensor(
         alert = certificate_alert(conn, datetime.now(UTC))
         state = _apply(conn, _notifier(), "certificate_expiry", alert)
     return dg.SkipReason(f"certificate expiry: {state}")
+
+
+DRILL_MAX_AGE_DAYS = 8
+
+
+def drill_alerts(conn, now: datetime) -> dict[str, alerts.Alert | None]:
+    """Per database with drills: the latest drill failed (CRITICAL), or no passed drill in the
+    last 8 days (WARNING); None where all is well. Empty before backup_drills exists."""
+    if conn.execute("SELECT to_regclass('backup_drills')").fetchone()[0] is None:
+        return {}
+    found: dict[str, alerts.Alert | None] = {}
+    rows = conn.execute(
+        "SELECT DISTINCT ON (database_name) database_name, status, finished_at, error,"
+        "       (SELECT max(p.finished_at) FROM backup_drills p"
+        "         WHERE p.database_name = d.database_name AND p.status = 'passed')"
+        "  FROM backup_drills d ORDER BY database_name, finished_at DESC"
+    ).fetchall()
+    for database, status, finished, error, last_passed in rows:
+        key = f"restore_drill:{database}"
+        if status == "failed":
+            found[key] = alerts.Alert(
+                key=key,
+                severity="CRITICAL",
+                title=f"Restore drill of {database} failed",
+                source="restore_drill",
+                detail={"error": (error or "")[:500], "finished_at": finished.isoformat()},
+                at=now,
+            )
+        elif last_passed is None or now - last_passed > timedelta(days=DRILL_MAX_AGE_DAYS):
+            found[key] = alerts.Alert(
+                key=key,
+                severity="WARNING",
+                title=f"No passed restore drill of {database} in {DRILL_MAX_AGE_DAYS} days",
+                source="restore_drill",
+                detail={"last_passed": last_passed and last_passed.isoformat()},
+                at=now,
+            )
+        else:
+            found[key] = None
+    return found
+
+
+@dg.sensor(
+    minimum_interval_seconds=600,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Alerts when the latest restore drill failed (CRITICAL) or none passed in the "
+    "last 8 days (WARNING).",
+)
+def restore_drill_sensor(
+    context: dg.SensorEvaluationContext, postgres: PostgresResource
+) -> dg.SkipReason:
+    with postgres.get_connection() as conn:
+        states = [
+            f"{key}: {_apply(conn, _notifier(), key, alert)}"
+            for key, alert in drill_alerts(conn, datetime.now(UTC)).items()
+        ]
+    return dg.SkipReason("; ".join(states) or "no restore drills recorded yet")

@@ -428,3 +428,39 @@ def test_cli_rules_and_alerts(conn, fleet, run):
     assert "needs a finite --threshold" in result.output
     result = run("alerts", "list", "--tenant", "ghost")
     assert (result.exit_code, "unknown tenant" in result.output) == (1, True)
+
+
+def test_restore_drill_sensor(conn, database_url):
+    from sensors.alerts import drill_alerts, restore_drill_sensor
+
+    if conn.execute("SELECT to_regclass('backup_drills')").fetchone()[0] is None:
+        pytest.skip("the backup_drills table comes with the backups migration, not present")
+
+    def drill(status, finished, error=None):
+        conn.execute(
+            "INSERT INTO backup_drills (database_name, scratch_database, status, started_at,"
+            " finished_at, rpo_target_seconds, rto_target_seconds, error)"
+            " VALUES ('iiot', 'iiot_drill_x', %s, %s, %s, 86400, 3600, %s)",
+            (status, finished - timedelta(minutes=5), finished, error),
+        )
+
+    assert drill_alerts(conn, NOW) == {}
+    drill("passed", NOW - timedelta(days=2))
+    assert drill_alerts(conn, NOW) == {"restore_drill:iiot": None}
+    assert drill_alerts(conn, NOW + timedelta(days=5)) == {"restore_drill:iiot": None}
+    stale = drill_alerts(conn, NOW + timedelta(days=6, hours=1))["restore_drill:iiot"]
+    assert stale.severity == "WARNING"
+    drill("failed", NOW - timedelta(days=1), "sha256 mismatch: the dump was altered")
+    failed = drill_alerts(conn, NOW)["restore_drill:iiot"]
+    assert (failed.severity, failed.detail["error"]) == (
+        "CRITICAL",
+        "sha256 mismatch: the dump was altered",
+    )
+    resources = {"postgres": PostgresResource(database_url=database_url)}
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources)
+        assert "log:sent" in restore_drill_sensor(context).skip_message
+    drill("passed", datetime.now(UTC))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources)
+        assert restore_drill_sensor(context).skip_message.endswith("resolved")
