@@ -208,6 +208,17 @@ def devices() -> None:
     help="Provision many devices from a CSV with columns mac,meter_kind[,name,metrics].",
 )
 @click.option("--dry-run", is_flag=True, help="Validate and report, but register nothing.")
+@click.option(
+    "--issue-cert",
+    is_flag=True,
+    help="Also issue each newly provisioned device's certificate (RSA 2048, CN = MAC, 10 years) "
+    "and write its gateway files under IIOT_PKI_DIR/devices/<mac> (or --cert-out).",
+)
+@click.option(
+    "--cert-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --issue-cert and one --mac: the directory for ca.pem and identity.pem.",
+)
 @friendly_errors
 def devices_provision(
     tenant: str,
@@ -217,16 +228,29 @@ def devices_provision(
     metrics: str | None,
     csv_path: Path | None,
     dry_run: bool,
+    issue_cert: bool,
+    cert_out: Path | None,
 ) -> None:
     """Register one device (--mac, --kind) or many (--csv), with a report per device.
 
     Devices beyond the plan's device quota are refused for starter and pro tenants.
     Re-running the same CSV skips devices already provisioned. Exits 1 if any were refused.
+    With --issue-cert each newly provisioned device also gets its certificate
+    (docs/certificates.md); the CA must exist (iiot pki init).
     """
     if csv_path is not None and (mac or meter_kind or name or metrics):
         raise click.UsageError("--csv cannot be combined with --mac, --kind, --name or --metrics")
     if csv_path is None and not (mac and meter_kind):
         raise click.UsageError("give --mac and --kind for one device, or --csv for many")
+    if cert_out is not None and (not issue_cert or csv_path is not None):
+        raise click.UsageError("--cert-out needs --issue-cert and one --mac")
+    if issue_cert and dry_run:
+        raise click.UsageError("--issue-cert cannot be combined with --dry-run")
+    ca = None
+    if issue_cert:  # before provisioning: a missing CA must not leave devices without certificates
+        from iiot_orchestration import cli_pki
+
+        ca = cli_pki._ca()
     rejected: list[registry.ProvisionResult] = []
     if csv_path is not None:
         parsed = registry.parse_device_csv(csv_path.read_bytes())
@@ -246,6 +270,10 @@ def devices_provision(
             raise psycopg.Rollback(tx)
     results = sorted(results + rejected, key=lambda r: r.line)
     _report_provisioning(results, csv=csv_path is not None, dry_run=dry_run)
+    if ca is not None:
+        for result in results:
+            if result.status == "provisioned":
+                cli_pki.issue_and_write(ca, result.mac, cert_out, actor="cli")
     if any(r.status == "rejected" for r in results):
         sys.exit(1)
 
@@ -536,8 +564,10 @@ def dev_command(no_dagster: bool) -> None:
 
 # command groups defined in their own modules, which import the helpers above
 from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command  # noqa: E402
+from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
+from iiot_orchestration.cli_pki import issue_cert_command, pki_group, revoke_command  # noqa: E402
 from iiot_orchestration.cli_report import report_command  # noqa: E402
 
 main.add_command(billing_group)
@@ -546,6 +576,11 @@ main.add_command(dagster_metrics_command)
 tenants.add_command(set_plan_command)
 main.add_command(report_command)
 main.add_command(backup_group)
+main.add_command(pki_group)
+devices.add_command(revoke_command)
+devices.add_command(issue_cert_command)
+main.add_command(archive_group)
+tenants.add_command(tenants_delete_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

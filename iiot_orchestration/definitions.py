@@ -2,24 +2,39 @@
 
 import dagster as dg
 
-from assets import alerts, backups, billing, marts, quality, reports, rollups, telemetry
+from assets import (
+    alerts,
+    backups,
+    billing,
+    certificates,
+    marts,
+    quality,
+    reports,
+    retention,
+    rollups,
+    telemetry,
+)
 from assets.backups import BackupResource
+from assets.certificates import CertificatesResource
+from assets.retention import ArchiveResource
 from iiot_orchestration.resources import PostgresResource
 from sensors import alerts as alert_sensors
 from sensors import backups as backup_schedules
 from sensors import billing as billing_schedules
+from sensors import certificates as certificate_schedules
 from sensors import marts as mart_schedules
 from sensors import reports as report_sensors
+from sensors import retention as retention_schedules
 from sensors import rollups as rollup_sensors
 from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(
-        [telemetry, rollups, marts, billing, alerts, reports, backups]
+        [telemetry, rollups, marts, billing, alerts, reports, backups, certificates, retention]
     ),
     asset_checks=dg.load_asset_checks_from_modules(
-        [telemetry, rollups, quality, billing, reports, backups]
+        [telemetry, rollups, quality, billing, reports, backups, certificates, retention]
     ),
     jobs=[
         schedules.telemetry_partitions_job,
@@ -33,6 +48,11 @@ defs = dg.Definitions(
         backup_schedules.database_backup_job,
         backup_schedules.restore_drill_job,
         backup_schedules.backup_checks_job,
+        certificate_schedules.certificate_sweep_job,
+        certificate_schedules.certificate_renewal_job,
+        retention_schedules.telemetry_archive_job,
+        retention_schedules.telemetry_compression_job,
+        retention_schedules.archive_checks_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
@@ -43,6 +63,11 @@ defs = dg.Definitions(
         backup_schedules.database_backup_schedule,
         backup_schedules.restore_drill_schedule,
         backup_schedules.backup_checks_schedule,
+        certificate_schedules.certificate_sweep_schedule,
+        certificate_schedules.certificate_renewal_schedule,
+        retention_schedules.telemetry_archive_schedule,
+        retention_schedules.telemetry_compression_schedule,
+        retention_schedules.archive_checks_schedule,
     ],
     sensors=[
         rollup_sensors.late_telemetry_sensor,
@@ -54,10 +79,13 @@ defs = dg.Definitions(
         alert_sensors.certificate_expiry_sensor,
         alert_sensors.restore_drill_sensor,
         report_sensors.closed_month_reports_sensor,
+        certificate_schedules.ota_ack_sensor,
     ],
     resources={
         "postgres": PostgresResource(database_url=dg.EnvVar("IIOT_DATABASE_URL")),
         "dbt": marts.dbt_resource(),
         "backup": BackupResource(),
+        "certificates": CertificatesResource(),
+        "archive": ArchiveResource(),
     },
 )

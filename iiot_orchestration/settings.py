@@ -267,6 +267,22 @@ VARIABLES: tuple[Variable, ...] = (
         _location,
     ),
     Variable(
+        "IIOT_RETENTION_BATCH_ROWS",
+        "50000",
+        "a whole number from 100 to 1000000",
+        "Archived readings removed per transaction when retention deletes one tenant's rows from "
+        "a day that other tenants still retain (docs/retention.md).",
+        _int_range(100, 1_000_000),
+    ),
+    Variable(
+        "IIOT_COMPRESS_AFTER_DAYS",
+        "7",
+        "a whole number from 1 to 3650",
+        "TimescaleDB mode: the compression asset compresses telemetry chunks older than this "
+        "many days (once columnstore is enabled, docs/retention.md).",
+        _int_range(1, 3650),
+    ),
+    Variable(
         "IIOT_BACKUP_ROOT",
         None,
         "a directory path",
@@ -319,6 +335,45 @@ VARIABLES: tuple[Variable, ...] = (
         "a directory path",
         "Generated PDF and Excel reports. Unset: `<IIOT_DATA_DIR>/reports`.",
         _path,
+    ),
+    Variable(
+        "IIOT_PKI_DIR",
+        None,
+        "a directory path",
+        "The device CA (key mode 0600), the CRL and the broker's TLS files (docs/certificates.md). "
+        "Unset: `<IIOT_DATA_DIR>/pki`.",
+        _path,
+    ),
+    Variable(
+        "IIOT_CERT_RENEWAL_BATCH_SIZE",
+        "10",
+        "a whole number from 1 to 100000",
+        "Devices whose certificates the daily OTA renewal batch renews at most (soonest expiry "
+        "first).",
+        _int_range(1, 100_000),
+    ),
+    Variable(
+        "IIOT_CERT_OFFLINE_DAYS",
+        "7",
+        "a whole number from 1 to 3650",
+        "The renewal batch skips devices that have not reported for this many days.",
+        _int_range(1, 3650),
+    ),
+    Variable(
+        "IIOT_CERT_ACK_TIMEOUT_HOURS",
+        "48",
+        "a whole number from 1 to 8760",
+        "A published certificate update not acknowledged within this many hours has failed; the "
+        "device keeps its certificate and a later batch retries.",
+        _int_range(1, 8760),
+    ),
+    Variable(
+        "IIOT_CERT_RETRY_BACKOFF_HOURS",
+        "24",
+        "a whole number from 1 to 8760",
+        "Wait after a device's first failed renewal before the next attempt; it doubles with "
+        "each further failure, up to 30 days.",
+        _int_range(1, 8760),
     ),
     Variable(
         "IIOT_PARTITIONS_AHEAD_DAYS",
@@ -475,6 +530,13 @@ class Settings:
         ("pro", 240),
         ("enterprise", 60),
     )
+    pki_dir: Path = Path("var") / "pki"
+    cert_renewal_batch_size: int = 10
+    cert_offline_days: int = 7
+    cert_ack_timeout_hours: int = 48
+    cert_retry_backoff_hours: int = 24
+    retention_batch_rows: int = 50_000
+    compress_after_days: int = 7
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -573,6 +635,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backup_keep_weekly=values["IIOT_BACKUP_KEEP_WEEKLY"],
         backup_rpo_hours=values["IIOT_BACKUP_RPO_HOURS"],
         backup_rto_minutes=values["IIOT_BACKUP_RTO_MINUTES"],
+        pki_dir=values["IIOT_PKI_DIR"] or data_dir / "pki",
+        cert_renewal_batch_size=values["IIOT_CERT_RENEWAL_BATCH_SIZE"],
+        cert_offline_days=values["IIOT_CERT_OFFLINE_DAYS"],
+        cert_ack_timeout_hours=values["IIOT_CERT_ACK_TIMEOUT_HOURS"],
+        cert_retry_backoff_hours=values["IIOT_CERT_RETRY_BACKOFF_HOURS"],
+        retention_batch_rows=values["IIOT_RETENTION_BATCH_ROWS"],
+        compress_after_days=values["IIOT_COMPRESS_AFTER_DAYS"],
         sources=sources,
     )
 
@@ -592,6 +661,8 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_STORAGE": settings.storage,
         "IIOT_DATA_DIR": settings.data_dir,
         "IIOT_ARCHIVE_ROOT": settings.archive_root,
+        "IIOT_RETENTION_BATCH_ROWS": settings.retention_batch_rows,
+        "IIOT_COMPRESS_AFTER_DAYS": settings.compress_after_days,
         "IIOT_BACKUP_ROOT": settings.backup_root,
         "IIOT_BACKUP_DATABASE_URL": settings.backup_database_url,
         "IIOT_BACKUP_KEEP_DAILY": settings.backup_keep_daily,
@@ -599,6 +670,11 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_BACKUP_RPO_HOURS": per_plan_text(settings.backup_rpo_hours),
         "IIOT_BACKUP_RTO_MINUTES": per_plan_text(settings.backup_rto_minutes),
         "IIOT_REPORTS_ROOT": settings.reports_root,
+        "IIOT_PKI_DIR": settings.pki_dir,
+        "IIOT_CERT_RENEWAL_BATCH_SIZE": settings.cert_renewal_batch_size,
+        "IIOT_CERT_OFFLINE_DAYS": settings.cert_offline_days,
+        "IIOT_CERT_ACK_TIMEOUT_HOURS": settings.cert_ack_timeout_hours,
+        "IIOT_CERT_RETRY_BACKOFF_HOURS": settings.cert_retry_backoff_hours,
         "IIOT_PARTITIONS_AHEAD_DAYS": settings.partitions_ahead_days,
         "IIOT_ROLLUP_LAG_MINUTES": settings.rollup_lag_minutes,
         "IIOT_ROLLUP_WORK_MEM": settings.rollup_work_mem,

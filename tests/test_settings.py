@@ -102,6 +102,19 @@ def test_explicit_dagster_url_wins():
         ("IIOT_BACKUP_RPO_HOURS", "pro=\uff11\uff12", "from 1 to 8760"),
         ("IIOT_BACKUP_RTO_MINUTES", "pro=60,,", "is not plan=number"),
         ("IIOT_BACKUP_RTO_MINUTES", "pro=99999", "from 1 to 10080"),
+        ("IIOT_PKI_DIR", "pki\x00dir", "directory path"),
+        ("IIOT_PKI_DIR", "  ", "directory path"),
+        ("IIOT_CERT_RENEWAL_BATCH_SIZE", "0", "1 to 100000"),
+        ("IIOT_CERT_RENEWAL_BATCH_SIZE", "ten", "1 to 100000"),
+        ("IIOT_CERT_RENEWAL_BATCH_SIZE", "10; DROP TABLE devices", "1 to 100000"),
+        ("IIOT_CERT_OFFLINE_DAYS", "-7", "1 to 3650"),
+        ("IIOT_CERT_ACK_TIMEOUT_HOURS", "0", "1 to 8760"),
+        ("IIOT_CERT_RETRY_BACKOFF_HOURS", "1.5", "1 to 8760"),
+        ("IIOT_RETENTION_BATCH_ROWS", "99", "100 to 1000000"),
+        ("IIOT_RETENTION_BATCH_ROWS", "5e4", "100 to 1000000"),
+        ("IIOT_RETENTION_BATCH_ROWS", "50000; DELETE FROM telemetry", "100 to 1000000"),
+        ("IIOT_COMPRESS_AFTER_DAYS", "0", "1 to 3650"),
+        ("IIOT_COMPRESS_AFTER_DAYS", "one week", "1 to 3650"),
     ],
 )
 def test_bad_value_names_variable_and_expected_form(name, value, expected):
@@ -110,6 +123,38 @@ def test_bad_value_names_variable_and_expected_form(name, value, expected):
     message = str(info.value)
     assert message.startswith(f"{name}=")
     assert expected in message
+
+
+def test_retention_settings_default_and_parse():
+    defaults = load_settings({})
+    assert (defaults.retention_batch_rows, defaults.compress_after_days) == (50_000, 7)
+    chosen = load_settings(
+        {"IIOT_RETENTION_BATCH_ROWS": " 1000 ", "IIOT_COMPRESS_AFTER_DAYS": "30"}
+    )
+    assert (chosen.retention_batch_rows, chosen.compress_after_days) == (1000, 30)
+    rows = {r[0]: r for r in describe(chosen)}
+    assert rows["IIOT_RETENTION_BATCH_ROWS"][1:] == ("1000", "environment")
+    assert rows["IIOT_COMPRESS_AFTER_DAYS"][1:] == ("30", "environment")
+
+
+def test_certificate_settings_default_and_parse():
+    defaults = load_settings({"IIOT_DATA_DIR": "/srv/iiot"})
+    assert defaults.pki_dir == Path("/srv/iiot/pki")
+    assert (defaults.cert_renewal_batch_size, defaults.cert_offline_days) == (10, 7)
+    assert (defaults.cert_ack_timeout_hours, defaults.cert_retry_backoff_hours) == (48, 24)
+    chosen = load_settings(
+        {
+            "IIOT_PKI_DIR": "/etc/iiot/pki",
+            "IIOT_CERT_RENEWAL_BATCH_SIZE": " 25 ",
+            "IIOT_CERT_OFFLINE_DAYS": "30",
+        }
+    )
+    assert chosen.pki_dir == Path("/etc/iiot/pki")
+    assert (chosen.cert_renewal_batch_size, chosen.cert_offline_days) == (25, 30)
+    rows = {r[0]: r for r in describe(chosen)}
+    assert rows["IIOT_CERT_RENEWAL_BATCH_SIZE"][1:] == ("25", "environment")
+    assert rows["IIOT_PKI_DIR"][1:] == ("/etc/iiot/pki", "environment")
+    assert {r[0]: r for r in describe(defaults)}["IIOT_PKI_DIR"][2] == "derived"
 
 
 def test_backup_settings_default_and_parse():
