@@ -7,12 +7,13 @@ from datetime import date, timedelta
 import dagster as dg
 
 from iiot_orchestration import billing, billing_exports
-from iiot_orchestration.partitions import TENANT_DAYS, TENANT_MONTHS
+from iiot_orchestration.partitions import DAYS, TENANT_DAYS, TENANT_MONTHS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
 
 TOTAL_IS_SUM = "total_equals_lines"
 NO_UNEXPLAINED_CREDIT = "no_negative_line_without_reason"
+NIGHT_BILLED = "every_tenant_billed"
 RECONCILED = "billed_readings_match_raw"
 EVERY_MONTH_INVOICED = "every_closed_month_invoiced"
 BILLING_ASSET = {
@@ -171,6 +172,112 @@ def billing_invoice(
             ),
         ],
     )
+
+
+class NightlyBillingConfig(dg.Config):
+    """Which tenants a bulk night bills: the given slugs, or every active tenant of the given
+    time zones, or (both empty) every active tenant."""
+
+    tenants: list[str] = []
+    timezones: list[str] = []
+
+
+@dg.asset(
+    partitions_def=DAYS,
+    code_version="1",
+    deps=[dg.AssetKey("consumption_daily")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            NIGHT_BILLED,
+            asset="billing_nightly",
+            blocking=True,
+            description="Every tenant of the night got its usage and its invoice, each stored "
+            "total equal to the sum of its stored lines.",
+        )
+    ],
+    description="The nightly billing of many tenants at once (the tenants of a time zone whose "
+    "local day, the partition, has just ended): the day's usage for all of them in a few "
+    "statements, then each tenant's invoice of the period holding that day (draft, or final once "
+    "closed), with the same rows and events as billing_daily_usage and billing_invoice, and the "
+    "PDF and XLSX of each. nightly_billing_sensor requests it when many tenants are due.",
+    **BILLING_ASSET,
+)
+def billing_nightly(
+    context: dg.AssetExecutionContext, postgres: PostgresResource, config: NightlyBillingConfig
+) -> dg.MaterializeResult:
+    day = date.fromisoformat(context.partition_key)
+    actor = f"dagster:{context.run.run_id[:8]}"
+    with postgres.get_connection() as conn:
+        tenants = billing.tenants(conn, config.tenants or None, timezones=config.timezones or None)
+        night = billing.bill_night(conn, tenants, day, actor=actor)
+        ids = [o.invoice_id for o in night.billing.outcomes]
+        mismatched = conn.execute(
+            "SELECT count(*) FROM (SELECT i.invoice_id FROM invoices i"
+            "  LEFT JOIN invoice_lines l USING (invoice_id) WHERE i.invoice_id = ANY(%s)"
+            " GROUP BY i.invoice_id, i.total HAVING i.total <> coalesce(sum(l.amount), 0)) x",
+            (ids,),
+        ).fetchone()[0]
+    by_id = {who.tenant_id: who for who in tenants}
+    root = load_settings().reports_root
+    # the per-tenant partitions this run wrote are recorded as materialized, so that the UI's
+    # partition status and the freshness policies of billing_daily_usage and billing_invoice
+    # stay right on nights billed in bulk
+    for tenant_id, usages in night.usage.items():
+        for usage in usages:
+            context.log_event(
+                dg.AssetMaterialization(
+                    billing_daily_usage.key,
+                    partition=tenant_key(f"{usage.day}", by_id[tenant_id].slug, "day"),
+                    metadata={"readings": usage.readings, "bulk_run": True},
+                )
+            )
+    for outcome in night.billing.outcomes:
+        who = by_id[outcome.invoice.tenant_id]
+        files = billing_exports.export(root, who, outcome.invoice)
+        context.log_event(
+            dg.AssetMaterialization(
+                billing_invoice.key,
+                partition=tenant_key(f"{outcome.invoice.period.label}", who.slug),
+                metadata={
+                    "status": outcome.invoice.status,
+                    "action": outcome.action,
+                    "total": float(outcome.invoice.total),
+                    "pdf": dg.MetadataValue.path(str(files.pdf)),
+                    "xlsx": dg.MetadataValue.path(str(files.xlsx)),
+                    "bulk_run": True,
+                },
+            )
+        )
+    for who, label, reason in night.billing.failures:
+        context.log.error(f"invoice {label:%Y-%m} of {who.slug}: {reason}")
+    actions = [o.action for o in night.billing.outcomes]
+    result = dg.MaterializeResult(
+        metadata={
+            "tenants": len(tenants),
+            "usage_recorded": len(night.usage),
+            "drafts": actions.count("draft"),
+            "finalised": actions.count("finalised"),
+            "unchanged": actions.count("unchanged"),
+            "failed": len(night.billing.failures),
+            "first_failures": ", ".join(
+                f"{who.slug}:{label:%Y-%m}" for who, label, _ in night.billing.failures[:20]
+            ),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=NIGHT_BILLED,
+                passed=not night.billing.failures and mismatched == 0,
+                metadata={"failed": len(night.billing.failures), "total_not_sum": mismatched},
+            )
+        ],
+    )
+    if night.billing.failures:
+        raise dg.Failure(
+            f"{len(night.billing.failures)} of {len(tenants)} invoices failed (the others are "
+            f"stored): {night.billing.failures[0][2]}",
+            metadata=result.metadata,
+        )
+    return result
 
 
 @dg.asset_check(

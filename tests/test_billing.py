@@ -1,14 +1,14 @@
 """Billing rules as reproducible cases: tenant, plan history and usage in, invoice lines out, to
 the cent (worked out by hand in the comments), against a real PostgreSQL."""
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
 import pytest
 
 from iiot_orchestration import billing, registry
-from iiot_orchestration.billing import BillingError, money, period_of
+from iiot_orchestration.billing import BillingError, money, period_containing, period_of
 
 OCT = date(2026, 10, 1)
 AFTER_OCT = date(2026, 11, 20)  # the tenant's local "today": October is closed
@@ -322,3 +322,201 @@ def test_money_rounds_half_up_to_the_cent():
     assert money(Decimal("2.675")) == Decimal("2.68")
     assert money(Decimal("-0.005")) == Decimal("-0.01")
     assert money(Decimal("254.838709677")) == Decimal("254.84")
+
+
+# ---------------------------------------------------------------------------------------------
+# The bulk nightly path: the same rows as the per-tenant path, tenant by tenant
+
+NIGHTS = [date(2026, 10, d) for d in range(13, 18)]  # local days 13 to 17 October
+TWINS = [
+    # (slug, time zone, cycle day, plan history, devices)
+    ("sp", "America/Sao_Paulo", 1, [("starter", START)], 3),
+    ("tokyo", "Asia/Tokyo", 15, [("pro", START), ("enterprise", utc(2026, 10, 15, 16))], 4),
+    ("utc", "UTC", 1, [("enterprise", START), ("pro", utc(2026, 10, 16, 9))], 2),
+    ("kolkata", "Asia/Kolkata", 10, [("pro", START)], 1),
+]
+
+
+def make_usage_tenant(conn, slug, timezone, cycle_day, history, devices, seed):
+    """A tenant with meters, hourly ingest counters over the nights (and the day before), dead
+    letters and an adjustment: the same data for every ``slug`` given the same ``seed``."""
+    who = make_tenant(conn, slug, history, timezone=timezone, cycle_day=cycle_day)
+    made = registry.provision_devices(
+        conn,
+        slug,
+        [
+            registry.DeviceRequest(f"02:00:00:{seed:02x}:{who.tenant_id:02x}:{n:02x}", "energy")
+            for n in range(devices)
+        ],
+    )
+    conn.execute(
+        "UPDATE devices SET created_at = '2026-09-01 00:00Z' WHERE tenant_id = %s",
+        (who.tenant_id,),
+    )
+    first = datetime(2026, 10, 11, tzinfo=UTC)
+    for n, device in enumerate(made):
+        for hour in range(0, 24 * 9, 5 + n):  # every few hours, a different rhythm per device
+            messages = (hour * 7 + n * 3 + seed) % 11  # some hours with no accepted message
+            conn.execute(
+                "INSERT INTO ingest_usage (tenant_id, device_id, hour, messages, readings,"
+                " overage_messages) VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    who.tenant_id,
+                    device.device_id,
+                    first + timedelta(hours=hour),
+                    messages,
+                    messages * 3,
+                    messages // 4,
+                ),
+            )
+    for n, reason in enumerate(["rate_limited", "bad_payload", "rate_limited"]):
+        conn.execute(
+            "INSERT INTO dead_letters (received_at, topic, tenant_id, reason, payload,"
+            " payload_size) VALUES (%s, 't', %s, %s, '', 0)",
+            (first + timedelta(hours=40 + 30 * n), who.tenant_id, reason),
+        )
+    label = billing.period_containing(NIGHTS[-1], cycle_day).label
+    billing.add_adjustment(conn, who, label, Decimal("-1.25"), "goodwill credit", actor="t")
+    return who
+
+
+def snapshot(conn, tenant_id):
+    """Everything billing stored for a tenant, without ids and clock times."""
+    usage = conn.execute(
+        "SELECT day, plan_id, messages, readings, overage_messages, dead_letters, rate_limited,"
+        " active_devices, provisioned_devices, stored_readings, bytes_per_reading,"
+        " storage_bytes, consumption FROM billing_daily_usage WHERE tenant_id = %s ORDER BY day",
+        (tenant_id,),
+    ).fetchall()
+    invoices = conn.execute(
+        "SELECT period, period_start, period_end, status, currency, total, inputs_sha256,"
+        " days_billed, finalised_at IS NOT NULL FROM invoices WHERE tenant_id = %s"
+        " ORDER BY period",
+        (tenant_id,),
+    ).fetchall()
+    lines = conn.execute(
+        "SELECT i.period, l.line_no, l.kind, l.description, l.quantity, l.unit, l.unit_price,"
+        " l.amount, l.reason FROM invoice_lines l JOIN invoices i USING (invoice_id)"
+        " WHERE l.tenant_id = %s ORDER BY i.period, l.line_no",
+        (tenant_id,),
+    ).fetchall()
+    events = conn.execute(
+        "SELECT period, kind, actor, before_amount, after_amount, detail FROM billing_events"
+        " WHERE tenant_id = %s AND kind NOT IN ('plan_changed', 'quota_blocked')"
+        " ORDER BY event_id",
+        (tenant_id,),
+    ).fetchall()
+    events = [(*e[:5], {k: v for k, v in e[5].items() if k != "adjustment_id"}) for e in events]
+    blocked = conn.execute(
+        "SELECT storage_blocked_at IS NOT NULL FROM tenants WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    return usage, invoices, lines, events, blocked
+
+
+def test_the_bulk_night_writes_exactly_what_the_per_tenant_path_writes(conn):
+    """Twin tenants (same zone, cycle, plan history and data): one twin billed tenant by tenant
+    as the per-tenant assets do, the other in bulk; every stored row and event is the same,
+    night after night, including a starter over its storage quota, a plan change, a period
+    closing (Tokyo, cycle day 15: its 2026-09 period ends on Oct 14) and a re-run."""
+    single = [make_usage_tenant(conn, s, tz, c, h, d, seed=7) for s, tz, c, h, d in TWINS]
+    bulk = [make_usage_tenant(conn, f"{s}-bulk", tz, c, h, d, seed=7) for s, tz, c, h, d in TWINS]
+    per_reading = Decimal("120.50")
+    for night in NIGHTS:
+        today = night + timedelta(days=1)
+        if night == NIGHTS[2]:  # the starter twins go over their 1 GiB quota
+            per_reading = Decimal(10_000_000)
+        for who in single:
+            billing.record_usage_many(conn, [(who, night)], per_reading=per_reading)
+            billing.bill(conn, who, period_containing(night, who.cycle_day).label, today=today)
+        billing.record_usage_many(conn, [(who, night) for who in bulk], per_reading=per_reading)
+        result = billing.bill_many(
+            conn,
+            [(who, period_containing(night, who.cycle_day).label) for who in bulk],
+            today=today,
+        )
+        assert result.failures == []
+        assert len(result.outcomes) == len(bulk)
+    # the Tokyo twins' 2026-09 period closed on Oct 14: finalise it, both ways, twice
+    for _ in range(2):
+        one = billing.bill(conn, single[1], date(2026, 9, 1), today=NIGHTS[-1])
+        [other] = billing.bill_many(conn, [(bulk[1], date(2026, 9, 1))], today=NIGHTS[-1]).outcomes
+        assert (one.action, one.invoice.total) == (other.action, other.invoice.total)
+    assert one.action == "unchanged"
+    for a, b in zip(single, bulk, strict=True):
+        assert snapshot(conn, a.tenant_id) == snapshot(conn, b.tenant_id), a.slug
+    sp = snapshot(conn, single[0].tenant_id)
+    assert [e[5]["state"] for e in sp[3] if e[1] == "quota_warning"] == ["blocked"]
+    assert sp[4] == (True,)
+    kinds = {e[1] for a in single for e in snapshot(conn, a.tenant_id)[3]}
+    assert kinds == {"quota_warning", "draft_computed", "invoice_finalised", "adjustment_added"}
+
+
+def test_bill_night_bills_every_tenant_of_the_night_as_the_assets_would(conn):
+    """``bill_night`` (usage of the day, then each tenant's period holding it) against the
+    per-tenant functions the nightly assets call, on twins in four time zones."""
+    single = [make_usage_tenant(conn, s, tz, c, h, d, seed=3) for s, tz, c, h, d in TWINS]
+    bulk = [make_usage_tenant(conn, f"{s}-bulk", tz, c, h, d, seed=3) for s, tz, c, h, d in TWINS]
+    night, today = NIGHTS[-1], NIGHTS[-1] + timedelta(days=1)
+    for who in single:
+        billing.record_usage(conn, who, [night])
+        billing.bill(conn, who, period_containing(night, who.cycle_day).label, today=today)
+    done = billing.bill_night(
+        conn, billing.tenants(conn, [b.slug for b in bulk]), night, today=today
+    )
+    assert sorted(done.usage) == [b.tenant_id for b in bulk]
+    assert done.billing.failures == []
+    for a, b in zip(single, bulk, strict=True):
+        assert snapshot(conn, a.tenant_id) == snapshot(conn, b.tenant_id), a.slug
+        # the earlier days of the period were computed by the invoice itself, both ways
+        assert len(snapshot(conn, a.tenant_id)[0]) > 1
+
+
+def test_bulk_billing_keeps_tenants_apart(conn):
+    """A bulk run over some tenants reads and writes nothing of the others, and a changed final
+    invoice fails its own request only."""
+    mine = [make_usage_tenant(conn, s, tz, c, h, d, seed=5) for s, tz, c, h, d in TWINS]
+    other = make_usage_tenant(conn, "other", "UTC", 1, [("enterprise", START)], 2, seed=9)
+    billing.bill_night(conn, [other], NIGHTS[0], today=NIGHTS[1])
+    before = snapshot(conn, other.tenant_id)
+    night = billing.bill_night(conn, mine, NIGHTS[0], today=NIGHTS[1])
+    assert snapshot(conn, other.tenant_id) == before
+    for who in mine:
+        assert snapshot(conn, who.tenant_id)[0]  # usage stored for each, from its own rows only
+    alone = billing.compute_usage(conn, [(mine[0], NIGHTS[0])])[(mine[0].tenant_id, NIGHTS[0])]
+    assert alone.readings == night.usage[mine[0].tenant_id][-1].readings
+    # finalise Tokyo's 2026-09, then change a day of it: only that request fails
+    tokyo = mine[1]
+    billing.bill(conn, tokyo, date(2026, 9, 1), today=NIGHTS[-1])
+    conn.execute(
+        "UPDATE billing_daily_usage SET plan_id = 'enterprise' WHERE tenant_id = %s"
+        " AND day = '2026-10-10'",
+        (tokyo.tenant_id,),
+    )
+    result = billing.bill_many(
+        conn, [(tokyo, date(2026, 9, 1)), (other, OCT)], today=NIGHTS[-1], actor="t"
+    )
+    assert [(who.slug, label) for who, label, _ in result.failures] == [("tokyo", date(2026, 9, 1))]
+    assert "no longer matches its data" in result.failures[0][2]
+    assert [o.invoice.tenant_id for o in result.outcomes] == [other.tenant_id]
+
+
+def test_stored_readings_are_the_readings_accepted_over_the_retention_window(conn):
+    """The storage estimate counts the readings accepted on the retention_days local days
+    ending with the day (stored daily usage for the earlier days), times bytes per reading."""
+    who = make_usage_tenant(conn, "acme", "UTC", 1, [("pro", START)], 2, seed=1)
+    conn.execute("UPDATE tenants SET retention_days = 3 WHERE tenant_id = %s", (who.tenant_id,))
+    for night in NIGHTS:
+        billing.record_usage_many(conn, [(who, night)], per_reading=Decimal("100.25"))
+    rows = conn.execute(
+        "SELECT day, readings, stored_readings, storage_bytes FROM billing_daily_usage"
+        " WHERE tenant_id = %s ORDER BY day",
+        (who.tenant_id,),
+    ).fetchall()
+    readings = {day: n for day, n, _, _ in rows}
+    for day, _, stored, storage in rows:
+        window = [day - timedelta(days=k) for k in range(3)]
+        assert stored == sum(readings.get(d, 0) for d in window)
+        assert storage == int(Decimal(stored) * Decimal("100.25"))
+    # computing several days at once gives the same numbers as one night after another
+    again = billing.compute_usage(conn, [(who, night) for night in NIGHTS], Decimal("100.25"))
+    assert [again[(who.tenant_id, d)].stored_readings for d in NIGHTS] == [r[2] for r in rows]

@@ -11,11 +11,13 @@ from click.testing import CliRunner
 from openpyxl import load_workbook
 
 from assets.billing import (
+    NIGHT_BILLED,
     NO_UNEXPLAINED_CREDIT,
     RECONCILED,
     TOTAL_IS_SUM,
     billing_daily_usage,
     billing_invoice,
+    billing_nightly,
     every_closed_month_invoiced,
     missing_invoices,
 )
@@ -24,7 +26,7 @@ from iiot_orchestration.cli import main
 from iiot_orchestration.partitions import TENANTS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
-from sensors.billing import BILLING_TAG, nightly_requests
+from sensors.billing import BILLING_TAG, nightly_bulk_requests, nightly_requests
 
 
 @pytest.fixture
@@ -348,3 +350,54 @@ def test_cli_refuses_bad_input_clearly(conn, acme, run, args, message):
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_bulk_nightly_asset_bills_like_the_per_tenant_assets(
+    conn, database_url, acme, reports_root, tmp_path
+):
+    """billing_nightly for 2026-10-10: acme's usage of that day (the same row the usage asset
+    writes) and its October invoice with its files, one bulk run."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [billing_nightly],
+            partition_key="2026-10-10",
+            instance=instance,
+            resources={"postgres": PostgresResource(database_url=database_url)},
+            run_config={"ops": {"billing_nightly": {"config": {"tenants": ["acme"]}}}},
+        )
+        # the per-tenant partitions it wrote show as materialized
+        usage_event = instance.get_latest_materialization_event(billing_daily_usage.key)
+        invoice_event = instance.get_latest_materialization_event(billing_invoice.key)
+    assert usage_event.dagster_event.partition == tenant_key("2026-10-10", "acme", "day")
+    assert invoice_event.dagster_event.partition == tenant_key("2026-10-01", "acme")
+    assert result.success
+    assert checks(result) == {NIGHT_BILLED: True}
+    [materialization] = [
+        m
+        for m in result.asset_materializations_for_node("billing_nightly")
+        if m.asset_key == billing_nightly.key
+    ]
+    assert materialization.metadata["tenants"].value == 1
+    assert materialization.metadata["failed"].value == 0
+    usage = conn.execute(
+        "SELECT messages, readings, active_devices FROM billing_daily_usage"
+        " WHERE tenant_id = %s AND day = '2026-10-10'",
+        (acme.tenant_id,),
+    ).fetchone()
+    assert usage == (3, 3, 1)
+    stored = billing.stored_invoice(conn, acme.tenant_id, date(2026, 10, 1))
+    assert stored.total == Decimal("4900.00")
+    assert (reports_root / "acme" / "2026-10" / "invoice.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_many_tenants_due_in_one_zone_get_one_bulk_run():
+    at_sp_2am = datetime(2026, 11, 23, 5, 10, tzinfo=UTC)
+    tenants = [(f"sp{n}", "America/Sao_Paulo", 1) for n in range(3)] + [("tokyo", "Asia/Tokyo", 15)]
+    [bulk] = nightly_bulk_requests(at_sp_2am, tenants, bulk_from=3)
+    assert (bulk.job_name, bulk.partition_key) == ("billing_nightly_job", "2026-11-22")
+    assert bulk.run_key == "nightly:America/Sao_Paulo:2026-11-22"
+    assert bulk.run_config["ops"]["billing_nightly"]["config"]["tenants"] == ["sp0", "sp1", "sp2"]
+    # below the threshold: the per-tenant runs, as before
+    assert nightly_bulk_requests(at_sp_2am, tenants, bulk_from=4) == nightly_requests(
+        at_sp_2am, tenants
+    )
