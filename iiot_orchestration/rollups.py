@@ -131,15 +131,23 @@ def _stats_query(mode: str) -> str:
 
 @dataclass(frozen=True)
 class _SidePass:
-    """The consumption rows and the raw reading count of one window."""
+    """The raw reading count of one window and the rows of its cumulative series: whole
+    statistics with consumption (PostgreSQL mode) or consumption alone (TimescaleDB mode, whose
+    statistics come from the continuous aggregate)."""
 
     consumption: list[tuple]
     source_readings: int
 
 
-def _side_pass(conn: psycopg.Connection, window: Window, cumulative: list[str]) -> _SidePass:
+def _side_query(mode: str) -> str:
+    return query("rollup_consumption" if mode == "timescale" else "rollup_cumulative_stats")
+
+
+def _side_pass(
+    conn: psycopg.Connection, window: Window, cumulative: list[str], mode: str
+) -> _SidePass:
     params = {"start": window.start, "end": window.end, "cumulative": cumulative}
-    rows = conn.execute(query("rollup_consumption"), params).fetchall()
+    rows = conn.execute(_side_query(mode), params).fetchall()
     source = conn.execute(
         "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s", params
     ).fetchone()[0]
@@ -153,11 +161,12 @@ def _side_passes(
     cumulative: list[str],
     side: SideConnection | None,
     work_mem: str | None,
+    mode: str,
 ) -> Iterator[Callable[[], list[_SidePass]]]:
     """The side passes of every window, on a second connection in a thread when ``side`` is
     given (the result waits for it), else on ``conn`` when the result is asked for."""
     if side is None:
-        yield lambda: [_side_pass(conn, window, cumulative) for window in windows]
+        yield lambda: [_side_pass(conn, window, cumulative, mode) for window in windows]
         return
     snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
 
@@ -167,7 +176,7 @@ def _side_passes(
             with other.transaction():
                 other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
                 session_settings(other, work_mem)
-                return [_side_pass(other, window, cumulative) for window in windows]
+                return [_side_pass(other, window, cumulative, mode) for window in windows]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollup-side") as pool:
         future = pool.submit(run)
@@ -198,22 +207,23 @@ def _rollup_hours_once(
                 metric
                 for (metric,) in conn.execute("SELECT metric FROM metric_catalog WHERE cumulative")
             ]
-            with _side_passes(conn, windows, cumulative, side, work_mem) as side_results:
+            with _side_passes(conn, windows, cumulative, side, work_mem, mode) as side_results:
                 conn.execute(
                     "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
                     + _stats_query(mode)
                     + " WITH NO DATA",
-                    {"start": windows[0].start, "end": windows[0].end},
+                    {"start": windows[0].start, "end": windows[0].end, "cumulative": cumulative},
                 )
                 for window in windows:
-                    params = {"start": window.start, "end": window.end}
+                    params = {"start": window.start, "end": window.end, "cumulative": cumulative}
                     conn.execute("INSERT INTO rollup_stats " + _stats_query(mode), params)
                 passes = side_results()
-            _load_consumption(conn, [row for p in passes for row in p.consumption])
+            _load_side_rows(conn, [row for p in passes for row in p.consumption], mode)
             for window in windows:
                 params = {"start": window.start, "end": window.end}
                 conn.execute(query("rollup_hours_delete"), params)
-            rows = conn.execute(query("rollup_hours_insert")).rowcount
+            insert = "rollup_hours_insert" if mode == "timescale" else "rollup_hours_insert_raw"
+            rows = conn.execute(query(insert)).rowcount
             for window, side_pass in zip(windows, passes, strict=True):
                 params = {"start": window.start, "end": window.end}
                 readings += conn.execute(
@@ -232,16 +242,50 @@ def _rollup_hours_once(
     return RollupResult(rows, int(readings), source, windows)
 
 
-def _load_consumption(conn: psycopg.Connection, rows: list[tuple]) -> None:
+def _load_side_rows(conn: psycopg.Connection, rows: list[tuple], mode: str) -> None:
+    """The side pass's rows into a temporary table: ``rollup_consumption`` (TimescaleDB mode) or
+    ``rollup_cumulative`` (PostgreSQL mode, the cumulative series' whole statistics)."""
+    if mode == "timescale":
+        table, columns = "rollup_consumption", _CONSUMPTION_COLUMNS
+    else:
+        table, columns = "rollup_cumulative", _STATS_COLUMNS + _CONSUMPTION_COLUMNS[3:]
     conn.execute(
-        "CREATE TEMP TABLE rollup_consumption (device_id integer, metric text,"
-        " bucket timestamptz, consumption double precision, counter_resets integer)"
-        " ON COMMIT DROP"
+        sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
+            sql.Identifier(table),
+            sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
+                for name, kind, _ in columns
+            ),
+        )
     )
-    with conn.cursor().copy("COPY rollup_consumption FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(["int4", "text", "timestamptz", "float8", "int4"])
+    copy_sql = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))
+    with conn.cursor().copy(copy_sql) as copy:
+        copy.set_types([oid for _, _, oid in columns])
         for row in rows:
             copy.write_row(row)
+
+
+_CONSUMPTION_COLUMNS = (
+    ("device_id", "integer", "int4"),
+    ("metric", "text", "text"),
+    ("bucket", "timestamptz", "timestamptz"),
+    ("consumption", "double precision", "float8"),
+    ("counter_resets", "integer", "int4"),
+)
+_STATS_COLUMNS = (
+    ("tenant_id", "integer", "int4"),
+    ("device_id", "integer", "int4"),
+    ("metric", "text", "text"),
+    ("bucket", "timestamptz", "timestamptz"),
+    ("readings", "bigint", "int8"),
+    ("value_sum", "double precision", "float8"),
+    ("value_min", "double precision", "float8"),
+    ("value_max", "double precision", "float8"),
+    ("first_ts", "timestamptz", "timestamptz"),
+    ("first_value", "double precision", "float8"),
+    ("last_ts", "timestamptz", "timestamptz"),
+    ("last_value", "double precision", "float8"),
+)
 
 
 def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:

@@ -146,11 +146,12 @@ SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
 DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
 
 -- name: rollup_hour_stats_raw
--- PostgreSQL mode: one hash GROUP BY over the window's raw readings, buckets by date_bin (plain
--- arithmetic, unlike a time-zone-aware date_trunc); then the first and last values of each bucket
--- by primary key, one index probe each, which costs less than carrying (ts, value) pairs through
--- the aggregate for every reading (the window bounds repeated in the probes let the planner
--- prune the partitions once, not at every probe).
+-- PostgreSQL mode, the metrics that are not cumulative (the cumulative ones come whole from
+-- rollup_cumulative_stats, on the side connection): one hash GROUP BY over the window's raw
+-- readings, buckets by date_bin (plain arithmetic, unlike a time-zone-aware date_trunc); then the
+-- first and last values of each bucket by primary key, one index probe each, which costs less
+-- than carrying (ts, value) pairs through the aggregate for every reading (the window bounds
+-- repeated in the probes let the planner prune the partitions once, not at every probe).
 SELECT g.*,
        (SELECT t.value FROM telemetry t
          WHERE t.device_id = g.device_id AND t.metric = g.metric AND t.ts = g.first_ts
@@ -165,7 +166,7 @@ SELECT g.*,
                count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
                max(value) AS value_max, min(ts) AS first_ts, max(ts) AS last_ts
           FROM telemetry
-         WHERE ts >= %(start)s AND ts < %(end)s
+         WHERE ts >= %(start)s AND ts < %(end)s AND metric <> ALL (%(cumulative)s)
          GROUP BY 1, 2, 3, 4) g
 
 -- name: rollup_hour_stats_cagg
@@ -201,9 +202,59 @@ SELECT device_id, metric, date_bin('1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00+0
          WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)) steps
  GROUP BY 1, 2, 3
 
+-- name: rollup_cumulative_stats
+-- PostgreSQL mode, the cumulative metrics: every statistic of rollup_hour_stats_raw and the
+-- consumption of rollup_consumption from the one ordered pass the consumption needs anyway (the
+-- first and last readings of a bucket are those whose neighbour in the series lies in another
+-- bucket), so that these series need no probes and the two passes share the work of a window.
+SELECT tenant_id, device_id, metric, bucket,
+       count(*) AS readings, sum(value) AS value_sum, min(value) AS value_min,
+       max(value) AS value_max, min(ts) AS first_ts,
+       min(value) FILTER (WHERE opens) AS first_value, max(ts) AS last_ts,
+       min(value) FILTER (WHERE closes) AS last_value,
+       coalesce(sum(CASE WHEN step < 0 THEN value ELSE step END), 0) AS consumption,
+       count(*) FILTER (WHERE step < 0) AS counter_resets
+  FROM (SELECT r.tenant_id, r.device_id, r.metric, r.ts, r.value, b.bucket,
+               r.value - coalesce(
+                   lag(r.value) OVER w,
+                   (SELECT p.value FROM telemetry p
+                     WHERE p.device_id = r.device_id AND p.metric = r.metric
+                       AND p.ts < %(start)s AND p.ts >= %(start)s - interval '1 day'
+                     ORDER BY p.ts DESC LIMIT 1),
+                   (SELECT p.value FROM telemetry p
+                     WHERE p.device_id = r.device_id AND p.metric = r.metric
+                       AND p.ts < %(start)s - interval '1 day'
+                     ORDER BY p.ts DESC LIMIT 1)) AS step,
+               b.bucket IS DISTINCT FROM
+                   date_bin('1 hour', lag(r.ts) OVER w, TIMESTAMPTZ '2000-01-01 00:00+00') AS opens,
+               b.bucket IS DISTINCT FROM
+                   date_bin('1 hour', lead(r.ts) OVER w, TIMESTAMPTZ '2000-01-01 00:00+00') AS closes
+          FROM telemetry r,
+               LATERAL (SELECT date_bin('1 hour', r.ts, TIMESTAMPTZ '2000-01-01 00:00+00')
+                          AS bucket) b
+         WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)
+        WINDOW w AS (PARTITION BY r.device_id, r.metric ORDER BY r.ts)) steps
+ GROUP BY 1, 2, 3, 4
+
+-- name: rollup_hours_insert_raw
+-- PostgreSQL mode: the other metrics' statistics (rollup_stats) and the cumulative series whole
+-- (rollup_cumulative, copied from rollup_cumulative_stats' rows).
+INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
+                              value_min, value_max, value_avg, first_ts, first_value, last_ts,
+                              last_value, consumption, counter_resets)
+SELECT s.tenant_id, s.device_id, s.metric, s.bucket, s.readings, s.value_sum, s.value_min,
+       s.value_max, s.value_sum / s.readings, s.first_ts, s.first_value, s.last_ts, s.last_value,
+       NULL, 0
+  FROM rollup_stats s
+ UNION ALL
+SELECT c.tenant_id, c.device_id, c.metric, c.bucket, c.readings, c.value_sum, c.value_min,
+       c.value_max, c.value_sum / c.readings, c.first_ts, c.first_value, c.last_ts, c.last_value,
+       c.consumption, c.counter_resets
+  FROM rollup_cumulative c
+
 -- name: rollup_hours_insert
--- The window's statistics (rollup_stats: rollup_hour_stats_raw or _cagg) with the consumption
--- computed beside them (rollup_consumption, copied from rollup_consumption's rows).
+-- TimescaleDB mode: the window's statistics (rollup_stats, from rollup_hour_stats_cagg) with the
+-- consumption computed beside them (rollup_consumption, copied from rollup_consumption's rows).
 INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
                               value_min, value_max, value_avg, first_ts, first_value, last_ts,
                               last_value, consumption, counter_resets)
