@@ -112,9 +112,14 @@ def telemetry_hourly(
     and consumption with counter resets for cumulative meters (definitions: docs/rollups.md)."""
     windows = run_windows(context)
     settings = load_settings()
+    late = HOURS_TAG in context.run.tags  # the daily step re-sums only the series that changed
     with postgres.get_connection() as conn:
         result = rollups.rollup_hours(
-            conn, windows, work_mem=settings.rollup_work_mem, side=postgres.get_connection
+            conn,
+            windows,
+            work_mem=settings.rollup_work_mem,
+            side=postgres.get_connection,
+            mark_changes=late,
         )
         found = _check_results(conn, "telemetry_hourly", windows)
         preview = conn.execute(
@@ -123,16 +128,13 @@ def telemetry_hourly(
             " ORDER BY consumption DESC NULLS LAST, bucket LIMIT 10",
             (windows[0].start, windows[-1].end),
         ).fetchall()
-    context.log.info(
-        "hourly rollup rewritten",
-        extra={"windows": _describe(windows), "rows": result.rows, "readings": result.readings},
-    )
     return dg.MaterializeResult(
         metadata={
             "windows": _describe(windows),
             "hours": sum(len(w.hours()) for w in windows),
             "rows": result.rows,
             "readings": result.readings,
+            "series_changed": result.series if late else result.rows,
             "preview": dg.MetadataValue.md(_markdown(preview)),
         },
         check_results=[
@@ -170,12 +172,18 @@ def telemetry_daily(
     context: dg.AssetExecutionContext, postgres: PostgresResource
 ) -> dg.MaterializeResult:
     """Per tenant, device, metric and UTC day, summed from the hours. The run's last step: it
-    clears the late-data marks its hours covered, so a mark is cleared only after success."""
+    clears the late-data marks its hours covered, so a mark is cleared only after success. In a
+    late-data run (tagged with hours) it re-sums only the series the hourly step found changed."""
     days = rollups.Window(*context.partition_time_window).days()
     with postgres.get_connection() as conn:
-        result = rollups.rollup_days(conn, days)
+        result = rollups.rollup_days(conn, days, only_marked=HOURS_TAG in context.run.tags)
     return dg.MaterializeResult(
-        metadata={"days": _describe([days]), "rows": result.rows, "readings": result.readings},
+        metadata={
+            "days": _describe([days]),
+            "rows": result.rows,
+            "series_resummed": result.series,
+            "readings": result.readings,
+        },
         check_results=[
             dg.AssetCheckResult(
                 check_name=DAILY_MATCHES_HOURLY,

@@ -75,6 +75,9 @@ class RollupResult:
     readings: int  # readings counted in the rewritten buckets
     source_readings: int  # readings in the source for the same windows, in the same snapshot
     windows: list[Window]
+    # series-days marked stale by a late-data run (rollup_hours with mark_changes), or re-summed
+    # by a daily run
+    series: int = 0
 
 
 def session_settings(conn: psycopg.Connection, work_mem: str | None) -> None:
@@ -92,6 +95,7 @@ def rollup_hours(
     *,
     work_mem: str | None = "256MB",
     side: SideConnection | None = None,
+    mark_changes: bool = False,
 ) -> RollupResult:
     """Rewrite the hourly buckets of ``windows`` (whole hours) in one repeatable-read
     transaction, and stamp the dirty marks of those hours as rolled up. A mark the daemon
@@ -100,10 +104,14 @@ def rollup_hours(
 
     With ``side`` (a factory of a second connection to the same database) the consumption pass
     and the raw count run there, at the same time as the statistics, in the same snapshot
-    (exported by the main transaction), so the two passes over the raw rows use two cores."""
+    (exported by the main transaction), so the two passes over the raw rows use two cores.
+
+    With ``mark_changes`` (a late-data run, whose daily step re-sums only what changed) the
+    series whose rows in the windows differ from what they held are marked in
+    ``rollup_stale_days``, in the same transaction."""
     for attempt in range(1, SERIALIZATION_RETRIES + 1):
         try:
-            return _rollup_hours_once(conn, windows, work_mem, side)
+            return _rollup_hours_once(conn, windows, work_mem, side, mark_changes)
         except psycopg.errors.SerializationFailure:
             if attempt == SERIALIZATION_RETRIES:
                 raise
@@ -191,8 +199,9 @@ def _rollup_hours_once(
     windows: list[Window],
     work_mem: str | None,
     side: SideConnection | None,
+    mark_changes: bool = False,
 ) -> RollupResult:
-    rows = readings = source = 0
+    rows = readings = source = marked = 0
     mode = storage_for(conn).mode
     conn.commit()  # end the read, so that the isolation level can change
     if mode == "timescale":
@@ -219,11 +228,16 @@ def _rollup_hours_once(
                     conn.execute("INSERT INTO rollup_stats " + _stats_query(mode), params)
                 passes = side_results()
             _load_side_rows(conn, [row for p in passes for row in p.consumption], mode)
+            span = {"start": windows[0].start, "end": windows[-1].end}
+            if mark_changes:
+                conn.execute(query("rollup_hours_snapshot"), span)
             for window in windows:
                 params = {"start": window.start, "end": window.end}
                 conn.execute(query("rollup_hours_delete"), params)
             insert = "rollup_hours_insert" if mode == "timescale" else "rollup_hours_insert_raw"
             rows = conn.execute(query(insert)).rowcount
+            if mark_changes:
+                marked = conn.execute(query("rollup_hours_mark"), span).rowcount
             for window, side_pass in zip(windows, passes, strict=True):
                 params = {"start": window.start, "end": window.end}
                 readings += conn.execute(
@@ -239,7 +253,7 @@ def _rollup_hours_once(
                 )
     finally:
         conn.isolation_level = previous
-    return RollupResult(rows, int(readings), source, windows)
+    return RollupResult(rows, int(readings), source, windows, marked)
 
 
 def _load_side_rows(conn: psycopg.Connection, rows: list[tuple], mode: str) -> None:
@@ -288,18 +302,45 @@ _STATS_COLUMNS = (
 )
 
 
-def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:
+# Above this many stale series-days, re-summing the whole days (one hash aggregate) costs less
+# than fetching each series' hours by primary key.
+MARKED_RESUM_LIMIT = 800
+
+
+def rollup_days(
+    conn: psycopg.Connection, days: Window, *, only_marked: bool = False
+) -> RollupResult:
     """Rewrite the daily buckets of ``days`` from the hourly ones, then clear the dirty marks of
-    those days that the hourly rollup covered and nothing re-marked since."""
+    those days that the hourly rollup covered and nothing re-marked since.
+
+    With ``only_marked`` (the daily step of a late-data run; PostgreSQL mode) only the
+    series-days marked stale by ``rollup_hours(mark_changes=True)`` are re-summed, and their
+    marks removed; otherwise every series of the days is, and the days' marks are cleared."""
     params = {"start": days.start, "end": days.end}
     timescale = storage_for(conn).mode == "timescale"
     if timescale:
         refresh_aggregate(conn, "iiot_aggregates.telemetry_daily_cagg", days)
     with conn.transaction():
         session_settings(conn, None)
-        conn.execute(query("rollup_days_delete"), params)
-        insert = query("rollup_days_insert_cagg" if timescale else "rollup_days_insert")
-        rows = conn.execute(insert, params).rowcount
+        series = 0
+        if only_marked and not timescale:
+            conn.execute(
+                "CREATE TEMP TABLE rollup_days_todo (day timestamptz, tenant_id integer,"
+                " device_id integer, metric text) ON COMMIT DROP"
+            )
+            series = conn.execute(query("rollup_days_take_marks"), params).rowcount
+        if only_marked and not timescale and series <= MARKED_RESUM_LIMIT:
+            conn.execute(query("rollup_days_todo_hours"))
+            conn.execute("ANALYZE rollup_days_todo_hours")  # the planner sees a few rows, not 1,000
+            conn.execute(query("rollup_days_delete_marked"))
+            rows = conn.execute(query("rollup_days_insert_marked")).rowcount
+        else:
+            conn.execute(
+                "DELETE FROM rollup_stale_days WHERE day >= %(start)s AND day < %(end)s", params
+            )
+            conn.execute(query("rollup_days_delete"), params)
+            insert = query("rollup_days_insert_cagg" if timescale else "rollup_days_insert")
+            rows = series = conn.execute(insert, params).rowcount
         readings, source = conn.execute(
             "SELECT (SELECT coalesce(sum(readings), 0) FROM telemetry_daily"
             "         WHERE bucket >= %(start)s AND bucket < %(end)s),"
@@ -312,7 +353,7 @@ def rollup_days(conn: psycopg.Connection, days: Window) -> RollupResult:
             " AND rolled_up_at IS NOT NULL AND last_marked_at <= rolled_up_at",
             params,
         )
-    return RollupResult(rows, int(readings), int(source), [days])
+    return RollupResult(rows, int(readings), int(source), [days], series)
 
 
 def dirty_hours(conn: psycopg.Connection, settled_before: datetime) -> dict[datetime, list]:

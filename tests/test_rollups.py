@@ -239,6 +239,46 @@ def test_late_data_reruns_only_its_hours_and_clears_the_marks(conn, database_url
     assert conn.execute("SELECT count(*) FROM dirty_windows").fetchone()[0] == 0
 
 
+def daily_metadata(result, key):
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.path == [key]]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_a_late_run_re_sums_only_the_series_that_changed(conn, database_url, seeded):
+    assert materialize(database_url).success
+    late_tags = {HOURS_TAG: "2026-11-20T02,2026-11-20T03"}
+    # nothing changed: the late run marks and re-sums nothing, and the day stays as it was
+    day_before = all_rows(conn, "telemetry_daily")
+    unchanged = materialize(database_url, tags=late_tags)
+    assert unchanged.success
+    assert daily_metadata(unchanged, "telemetry_hourly")["series_changed"] == 0
+    assert daily_metadata(unchanged, "telemetry_daily")["series_resummed"] == 0
+    assert all_rows(conn, "telemetry_daily") == day_before
+
+    # a late reading of acme's energy in hour 02, and the other tenant's only reading removed
+    # from hour 03 (its series vanishes from the day): two series change, the rest stays
+    insert(conn, seeded["acme"], [("energy_kwh", at(2.5), 150.0)])
+    conn.execute("DELETE FROM telemetry WHERE device_id = %s", (seeded["other"][1],))
+    # the hourly step alone (a daily step that failed, say) leaves its marks for the next run
+    assert materialize(database_url, tags=late_tags, selection=[telemetry_hourly]).success
+    assert conn.execute("SELECT count(*) FROM rollup_stale_days").fetchone()[0] == 2
+    result = materialize(database_url, tags={HOURS_TAG: "2026-11-20T05"})
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert daily_metadata(result, "telemetry_daily")["series_resummed"] == 2
+    assert conn.execute("SELECT count(*) FROM rollup_stale_days").fetchone()[0] == 0
+    incremental = all_rows(conn, "telemetry_daily")
+    assert len(incremental) == len(day_before) - 1  # the vanished series' day is gone
+    # the same rows as re-summing the whole day (computed_at aside)
+    assert materialize(database_url).success
+    whole = all_rows(conn, "telemetry_daily")
+    assert [r[:-1] for r in incremental] == [r[:-1] for r in whole]
+    assert conn.execute(
+        "SELECT readings FROM telemetry_daily WHERE device_id = %s AND metric = 'energy_kwh'",
+        (seeded["acme"][1],),
+    ).fetchone() == (6,)
+
+
 def test_a_mark_renewed_after_the_hourly_step_stays_dirty(conn, database_url, seeded):
     tenant_id, _ = seeded["acme"]
     conn.execute(

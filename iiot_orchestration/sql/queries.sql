@@ -263,6 +263,79 @@ SELECT s.tenant_id, s.device_id, s.metric, s.bucket, s.readings, s.value_sum, s.
        c.consumption, coalesce(c.counter_resets, 0)
   FROM rollup_stats s LEFT JOIN rollup_consumption c USING (device_id, metric, bucket)
 
+-- name: rollup_hours_snapshot
+-- A late-data run: the rows of the window before it is rewritten, to find what changed.
+CREATE TEMP TABLE rollup_old ON COMMIT DROP AS
+SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
+       first_ts, first_value, last_ts, last_value, consumption, counter_resets
+  FROM telemetry_hourly
+ WHERE bucket >= %(start)s AND bucket < %(end)s
+
+-- name: rollup_hours_mark
+-- A late-data run: the series whose rows in the window differ from what they were (changed,
+-- new or gone), marked stale for the day holding them; the daily step re-sums those only.
+INSERT INTO rollup_stale_days (day, tenant_id, device_id, metric)
+SELECT DISTINCT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00+00'), tenant_id,
+       device_id, metric
+  FROM ((SELECT * FROM rollup_old
+         EXCEPT
+         SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
+                first_ts, first_value, last_ts, last_value, consumption, counter_resets
+           FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s)
+        UNION ALL
+        (SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
+                first_ts, first_value, last_ts, last_value, consumption, counter_resets
+           FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
+         EXCEPT
+         SELECT * FROM rollup_old)) changed
+ON CONFLICT DO NOTHING
+
+-- name: rollup_days_take_marks
+-- The stale series-days of the days, taken (their marks removed) for re-summing.
+WITH taken AS (
+    DELETE FROM rollup_stale_days WHERE day >= %(start)s AND day < %(end)s
+    RETURNING day, tenant_id, device_id, metric
+)
+INSERT INTO rollup_days_todo SELECT day, tenant_id, device_id, metric FROM taken
+
+-- name: rollup_days_todo_hours
+-- Each stale series-day's 24 hours, so that its hourly rows are found by the whole primary key.
+CREATE TEMP TABLE rollup_days_todo_hours ON COMMIT DROP AS
+SELECT t.day, t.tenant_id, t.device_id, t.metric, b.hour
+  FROM rollup_days_todo t,
+       generate_series(t.day, t.day + interval '23 hours', interval '1 hour') AS b(hour)
+
+-- name: rollup_days_delete_marked
+DELETE FROM telemetry_daily d USING rollup_days_todo t
+ WHERE d.bucket = t.day AND d.tenant_id = t.tenant_id AND d.device_id = t.device_id
+   AND d.metric = t.metric
+
+-- name: rollup_days_insert_marked
+-- rollup_days_insert for the stale series-days only (rollup_days_todo_hours).
+INSERT INTO telemetry_daily (tenant_id, device_id, metric, bucket, readings, value_sum,
+                             value_min, value_max, value_avg, first_ts, first_value, last_ts,
+                             last_value, consumption, counter_resets)
+SELECT g.tenant_id, g.device_id, g.metric, g.bucket, g.readings, g.value_sum, g.value_min,
+       g.value_max, g.value_sum / g.readings, g.first_ts,
+       (SELECT h.first_value FROM telemetry_hourly h
+         WHERE h.tenant_id = g.tenant_id AND h.device_id = g.device_id AND h.metric = g.metric
+           AND h.bucket = date_bin('1 hour', g.first_ts, TIMESTAMPTZ '2000-01-01 00:00+00')),
+       g.last_ts,
+       (SELECT h.last_value FROM telemetry_hourly h
+         WHERE h.tenant_id = g.tenant_id AND h.device_id = g.device_id AND h.metric = g.metric
+           AND h.bucket = date_bin('1 hour', g.last_ts, TIMESTAMPTZ '2000-01-01 00:00+00')),
+       g.consumption, g.counter_resets
+  FROM (SELECT h.tenant_id, h.device_id, h.metric, t.day AS bucket,
+               sum(h.readings) AS readings, sum(h.value_sum) AS value_sum,
+               min(h.value_min) AS value_min, max(h.value_max) AS value_max,
+               min(h.first_ts) AS first_ts, max(h.last_ts) AS last_ts,
+               sum(h.consumption) AS consumption, sum(h.counter_resets) AS counter_resets
+          FROM rollup_days_todo_hours t
+          JOIN telemetry_hourly h
+            ON h.tenant_id = t.tenant_id AND h.bucket = t.hour AND h.device_id = t.device_id
+           AND h.metric = t.metric
+         GROUP BY 1, 2, 3, 4) g
+
 -- name: rollup_days_delete
 DELETE FROM telemetry_daily WHERE bucket >= %(start)s AND bucket < %(end)s
 
