@@ -8,7 +8,9 @@ day, spread over the hour by device, stored in time order as the ingest daemon l
 (``received_at = ts``); each device is silent one day in twenty, so active devices and
 readings differ between tenants and days. ``ingest_usage`` (per tenant, device and UTC hour)
 and ``telemetry_daily`` (per tenant, device, metric and UTC day) are derived from the raw rows
-with ``GROUP BY``, as the ingest daemon and the rollups derive them, and the usage of the
+with ``GROUP BY``, as the ingest daemon and the rollups derive them (``ingest_usage``'s
+triggers keep its tenant-hour and device-day summaries as they do for the daemon's batches,
+migration 0018), and the usage of the
 month's earlier days is recorded by ``billing.record_usage_many``, night by night, as the
 earlier nights did. Then, best of two for each:
 

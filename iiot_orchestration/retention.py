@@ -921,9 +921,9 @@ def _audit(conn: psycopg.Connection, **entry: Any) -> None:
 # The tenant's rows, in the order they can go: what refers to something comes before it.
 # Kept on purpose: tenants (status 'deleted'; invoices and the plan history refer to it),
 # invoices, invoice lines, billing usage, adjustments and events (fiscal records),
-# tenant_plan_history, ingest_usage, the audit log, telemetry_archives (the archive is the
-# tenant's data now), and devices that have certificates (decommissioned, their certificates
-# revoked: the CRL is built from them).
+# tenant_plan_history, ingest_usage and its summaries, the audit log, telemetry_archives (the
+# archive is the tenant's data now), and devices that have certificates (decommissioned, their
+# certificates revoked: the CRL is built from them).
 REMOVAL_STEPS: tuple[tuple[str, str], ...] = (
     ("alerts", "DELETE FROM alerts WHERE tenant_id = %(tenant)s"),
     ("alert_rules", "DELETE FROM alert_rules WHERE tenant_id = %(tenant)s"),
@@ -963,6 +963,8 @@ KEPT_TABLES = (
     "billing_adjustments",
     "billing_events",
     "ingest_usage",
+    "ingest_usage_tenant_hours",
+    "ingest_usage_device_days",
     "audit_log",
     "telemetry_archives",
     "retention_progress",

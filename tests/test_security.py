@@ -18,6 +18,8 @@ TENANT_TABLES = (
     "audit_log",
     "tenant_plan_history",
     "ingest_usage",
+    "ingest_usage_tenant_hours",
+    "ingest_usage_device_days",
 )
 
 
