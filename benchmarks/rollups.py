@@ -8,10 +8,12 @@ run:
 - bare: `GROUP BY` tenant, device, metric and hour with count, sum, min, max and avg (the floor
   for any hourly rollup: one pass over the rows, no first/last, no consumption);
 - the day materialized through Dagster (`telemetry_hourly` then `telemetry_daily`);
-- a late-data run that rewrites one dirty hour (tagged `iiot/hours`), against the full day:
-  before each such run, late readings land in that hour for 50 devices (all four metrics, 200
-  readings, each a copy of a stored reading a few milliseconds later), so the run has real late
-  data to roll up and 200 series whose day changes, as a late batch from a few gateways gives.
+- a late-data run that touches one dirty hour, against the full day: before each such run,
+  late readings land in that hour for 50 devices (all four metrics, 200 readings, each a copy
+  of a stored reading a few milliseconds later) through the ingest daemon's writer, which marks
+  the hour and the 50 devices dirty, as a late batch from a few gateways does; the run is the
+  one the late-data sensor requests (tagged with the hour and `iiot/late_day`), so it rewrites
+  those devices' series of the hour, corrects the buckets after them and re-sums their days.
 """
 
 import os
@@ -21,13 +23,15 @@ from datetime import UTC, date, datetime, timedelta
 import dagster as dg
 import psycopg
 
-from assets.rollups import HOURS_TAG, telemetry_daily, telemetry_hourly
+from assets.rollups import HOURS_TAG, LATE_DAY_TAG, telemetry_daily, telemetry_hourly
 from benchmarks.common import scratch_database
 from iiot_orchestration import registry
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.rollups import session_settings
 from iiot_orchestration.settings import load_settings
 from iiot_orchestration.storage import storage_for
+from ingest_daemon.validation import Reading
+from ingest_daemon.writer import BatchWriter, Delivery
 
 DEVICES = int(os.environ.get("IIOT_BENCH_ROLLUP_DEVICES", "1000"))
 READINGS_PER_SERIES = int(os.environ.get("IIOT_BENCH_ROLLUP_READINGS", "1250"))
@@ -103,22 +107,29 @@ LATE_DEVICES = 50
 
 def land_late_readings(url: str, round_: int) -> None:
     """Late readings in hour LATE_HOUR for LATE_DEVICES devices: each series' first reading of
-    the hour again, ``round_ + 1`` milliseconds later (so that every round adds new ones)."""
+    the hour again, ``round_ + 1`` milliseconds later (so that every round adds new ones),
+    landed by the ingest daemon's writer, which marks their (tenant, hour) and devices dirty."""
     hour = DAY + timedelta(hours=LATE_HOUR)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value)"
-            " SELECT DISTINCT ON (device_id, metric) tenant_id, device_id, metric,"
-            "        ts + make_interval(secs => %s), value"
+    now = DAY + timedelta(days=1)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (device_id, metric) tenant_id, device_id, metric,"
+            "       ts + make_interval(secs => %s), value"
             "   FROM telemetry WHERE ts >= %s AND ts < %s AND device_id <= %s"
             "  ORDER BY device_id, metric, ts",
             ((round_ + 1) / 1000, hour, hour + timedelta(hours=1), LATE_DEVICES),
+        ).fetchall()
+        conn.commit()
+        BatchWriter(conn).write(
+            [(Reading(*row), Delivery(now, n)) for n, row in enumerate(rows)], [], now=now
         )
 
 
 def late_run(url: str, instance: dg.DagsterInstance, round_: int) -> float:
+    """The run the late-data sensor requests for the dirty hour."""
     land_late_readings(url, round_)
-    return materialize(url, instance, {HOURS_TAG: f"{DAY:%Y-%m-%d}T{LATE_HOUR:02d}"})
+    tags = {HOURS_TAG: f"{DAY:%Y-%m-%d}T{LATE_HOUR:02d}", LATE_DAY_TAG: f"{DAY:%Y-%m-%d}"}
+    return materialize(url, instance, tags)
 
 
 def main() -> None:

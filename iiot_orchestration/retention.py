@@ -929,6 +929,7 @@ REMOVAL_STEPS: tuple[tuple[str, str], ...] = (
     ("alert_rules", "DELETE FROM alert_rules WHERE tenant_id = %(tenant)s"),
     ("dead_letters", "DELETE FROM dead_letters WHERE tenant_id = %(tenant)s"),
     ("dirty_windows", "DELETE FROM dirty_windows WHERE tenant_id = %(tenant)s"),
+    ("dirty_window_devices", "DELETE FROM dirty_window_devices WHERE tenant_id = %(tenant)s"),
     ("rollup_stale_days", "DELETE FROM rollup_stale_days WHERE tenant_id = %(tenant)s"),
     ("telemetry_hourly", "DELETE FROM telemetry_hourly WHERE tenant_id = %(tenant)s"),
     ("telemetry_daily", "DELETE FROM telemetry_daily WHERE tenant_id = %(tenant)s"),

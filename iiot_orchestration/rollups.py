@@ -78,6 +78,16 @@ class RollupResult:
     # series-days marked stale by a late-data run (rollup_hours with mark_changes), or re-summed
     # by a daily run
     series: int = 0
+    # a late-data run that rewrote only the dirty devices' series: how many devices (else None)
+    devices: int | None = None
+    # a late-data run: buckets after its windows whose consumption it corrected, and those in
+    # later days it marked dirty instead
+    follow_ups: tuple[int, int] = (0, 0)
+
+
+class _PartialMismatch(Exception):
+    """Rewriting only the dirty devices left a window's rollup count unequal to its raw count:
+    the window was never wholly rolled up, or changed without marks; it is rewritten whole."""
 
 
 def session_settings(conn: psycopg.Connection, work_mem: str | None) -> None:
@@ -96,6 +106,7 @@ def rollup_hours(
     work_mem: str | None = "256MB",
     side: SideConnection | None = None,
     mark_changes: bool = False,
+    dirty_devices_only: bool = False,
 ) -> RollupResult:
     """Rewrite the hourly buckets of ``windows`` (whole hours) in one repeatable-read
     transaction, and stamp the dirty marks of those hours as rolled up. A mark the daemon
@@ -108,15 +119,25 @@ def rollup_hours(
 
     With ``mark_changes`` (a late-data run, whose daily step re-sums only what changed) the
     series whose rows in the windows differ from what they held are marked in
-    ``rollup_stale_days``, in the same transaction."""
+    ``rollup_stale_days``, in the same transaction.
+
+    With ``dirty_devices_only`` (the late-data sensor's runs; PostgreSQL mode) only the series
+    of the devices marked in ``dirty_window_devices`` for the windows are rewritten. Each
+    window's rollup count must then still equal its raw count; if not (the window was never
+    rolled up whole, or changed without marks), the windows are rewritten whole."""
     for attempt in range(1, SERIALIZATION_RETRIES + 1):
         try:
-            return _rollup_hours_once(conn, windows, work_mem, side, mark_changes)
+            return _rollup_hours_once(
+                conn, windows, work_mem, side, mark_changes, dirty_devices_only
+            )
+        except _PartialMismatch as exc:
+            log.warning("rewriting the whole windows: %s", exc)
+            dirty_devices_only = False
         except psycopg.errors.SerializationFailure:
             if attempt == SERIALIZATION_RETRIES:
                 raise
             log.info("hourly rollup met a concurrent late-data mark; retrying")
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _rollup_hours_once(conn, windows, work_mem, side, mark_changes, False)
 
 
 def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> None:
@@ -152,9 +173,18 @@ def _side_query(mode: str) -> str:
 
 
 def _side_pass(
-    conn: psycopg.Connection, window: Window, cumulative: list[str], mode: str
+    conn: psycopg.Connection,
+    window: Window,
+    cumulative: list[str],
+    mode: str,
+    devices: list[int] | None,
 ) -> _SidePass:
-    params = {"start": window.start, "end": window.end, "cumulative": cumulative}
+    params = {
+        "start": window.start,
+        "end": window.end,
+        "cumulative": cumulative,
+        "devices": devices,
+    }
     rows = conn.execute(_side_query(mode), params).fetchall()
     source = conn.execute(
         "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s", params
@@ -170,11 +200,12 @@ def _side_passes(
     side: SideConnection | None,
     work_mem: str | None,
     mode: str,
+    devices: list[int] | None,
 ) -> Iterator[Callable[[], list[_SidePass]]]:
     """The side passes of every window, on a second connection in a thread when ``side`` is
     given (the result waits for it), else on ``conn`` when the result is asked for."""
     if side is None:
-        yield lambda: [_side_pass(conn, window, cumulative, mode) for window in windows]
+        yield lambda: [_side_pass(conn, window, cumulative, mode, devices) for window in windows]
         return
     snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
 
@@ -184,7 +215,7 @@ def _side_passes(
             with other.transaction():
                 other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
                 session_settings(other, work_mem)
-                return [_side_pass(other, window, cumulative, mode) for window in windows]
+                return [_side_pass(other, window, cumulative, mode, devices) for window in windows]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollup-side") as pool:
         future = pool.submit(run)
@@ -200,8 +231,10 @@ def _rollup_hours_once(
     work_mem: str | None,
     side: SideConnection | None,
     mark_changes: bool = False,
+    dirty_devices_only: bool = False,
 ) -> RollupResult:
     rows = readings = source = marked = 0
+    follow_ups = (0, 0)
     mode = storage_for(conn).mode
     conn.commit()  # end the read, so that the isolation level can change
     if mode == "timescale":
@@ -216,28 +249,46 @@ def _rollup_hours_once(
                 metric
                 for (metric,) in conn.execute("SELECT metric FROM metric_catalog WHERE cumulative")
             ]
-            with _side_passes(conn, windows, cumulative, side, work_mem, mode) as side_results:
+            devices = (
+                _dirty_devices(conn, windows) or None
+                if dirty_devices_only and mode != "timescale"
+                else None
+            )
+            with _side_passes(
+                conn, windows, cumulative, side, work_mem, mode, devices
+            ) as side_results:
                 conn.execute(
                     "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
                     + _stats_query(mode)
                     + " WITH NO DATA",
-                    {"start": windows[0].start, "end": windows[0].end, "cumulative": cumulative},
+                    {
+                        "start": windows[0].start,
+                        "end": windows[0].end,
+                        "cumulative": cumulative,
+                        "devices": devices,
+                    },
                 )
                 for window in windows:
-                    params = {"start": window.start, "end": window.end, "cumulative": cumulative}
+                    params = {
+                        "start": window.start,
+                        "end": window.end,
+                        "cumulative": cumulative,
+                        "devices": devices,
+                    }
                     conn.execute("INSERT INTO rollup_stats " + _stats_query(mode), params)
                 passes = side_results()
             _load_side_rows(conn, [row for p in passes for row in p.consumption], mode)
-            span = {"start": windows[0].start, "end": windows[-1].end}
+            span = {"start": windows[0].start, "end": windows[-1].end, "devices": devices}
             if mark_changes:
                 conn.execute(query("rollup_hours_snapshot"), span)
             for window in windows:
-                params = {"start": window.start, "end": window.end}
+                params = {"start": window.start, "end": window.end, "devices": devices}
                 conn.execute(query("rollup_hours_delete"), params)
             insert = "rollup_hours_insert" if mode == "timescale" else "rollup_hours_insert_raw"
             rows = conn.execute(query(insert)).rowcount
             if mark_changes:
                 marked = conn.execute(query("rollup_hours_mark"), span).rowcount
+                follow_ups = _follow_up(conn, windows, cumulative, devices)
             for window, side_pass in zip(windows, passes, strict=True):
                 params = {"start": window.start, "end": window.end}
                 readings += conn.execute(
@@ -246,14 +297,75 @@ def _rollup_hours_once(
                     params,
                 ).fetchone()[0]
                 source += side_pass.source_readings
+                if devices is not None and readings != source:
+                    raise _PartialMismatch(
+                        f"{window.start:%Y-%m-%d %H:%M}..{window.end:%H:%M} counts "
+                        f"{readings - (source - side_pass.source_readings)} rolled-up readings "
+                        f"for {side_pass.source_readings} raw ones after rewriting "
+                        f"{len(devices)} dirty devices"
+                    )
                 conn.execute(
                     "UPDATE dirty_windows SET rolled_up_at = now()"
                     " WHERE window_start >= %(start)s AND window_start < %(end)s",
                     params,
                 )
+                conn.execute(
+                    "DELETE FROM dirty_window_devices"
+                    " WHERE window_start >= %(start)s AND window_start < %(end)s",
+                    params,
+                )
     finally:
         conn.isolation_level = previous
-    return RollupResult(rows, int(readings), source, windows, marked)
+    return RollupResult(
+        rows,
+        int(readings),
+        source,
+        windows,
+        marked,
+        len(devices) if devices else None,
+        follow_ups,
+    )
+
+
+def _follow_up(
+    conn: psycopg.Connection,
+    windows: list[Window],
+    cumulative: list[str],
+    devices: list[int] | None,
+) -> tuple[int, int]:
+    """Correct the consumption of the bucket after each window whose first increase late data
+    changed: in the run's days directly (and marked for the daily step), in later days by
+    marking them dirty for the late-data sensor. Returns (corrected, marked later)."""
+    fixed = later = 0
+    for window in windows:
+        conn.execute("DROP TABLE IF EXISTS rollup_follow")
+        params = {
+            "start": window.start,
+            "end": window.end,
+            "cumulative": cumulative,
+            "devices": devices,
+        }
+        conn.execute(query("rollup_hours_follow_up"), params)
+        counts = conn.execute(
+            query("rollup_hours_follow_up_apply"), {"days_end": window.days().end}
+        ).fetchone()
+        fixed, later = fixed + counts[0], later + counts[1]
+    return fixed, later
+
+
+def _dirty_devices(conn: psycopg.Connection, windows: list[Window]) -> list[int]:
+    """The devices marked dirty in any of the windows."""
+    return sorted(
+        {
+            device_id
+            for window in windows
+            for (device_id,) in conn.execute(
+                "SELECT DISTINCT device_id FROM dirty_window_devices"
+                " WHERE window_start >= %s AND window_start < %s",
+                (window.start, window.end),
+            )
+        }
+    )
 
 
 def _load_side_rows(conn: psycopg.Connection, rows: list[tuple], mode: str) -> None:

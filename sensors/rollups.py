@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.rollups import (
     HOURS_TAG,
+    LATE_DAY_TAG,
     PARTITIONS_START,
     hours_tag,
     telemetry_daily,
@@ -15,7 +16,6 @@ from iiot_orchestration import rollups
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
 
-LATE_DAY_TAG = "iiot/late_day"
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,

@@ -25,6 +25,8 @@ from assets.rollups import (
 from iiot_orchestration import registry, rollups
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
+from ingest_daemon.validation import Reading
+from ingest_daemon.writer import BatchWriter, Delivery
 from sensors.rollups import LATE_DAY_TAG, closed_hour_request, late_requests
 
 DAY = datetime(2026, 11, 20, tzinfo=UTC)
@@ -277,6 +279,122 @@ def test_a_late_run_re_sums_only_the_series_that_changed(conn, database_url, see
         "SELECT readings FROM telemetry_daily WHERE device_id = %s AND metric = 'energy_kwh'",
         (seeded["acme"][1],),
     ).fetchone() == (6,)
+
+
+def land(database_url, device, readings):
+    """Late readings through the ingest daemon's writer, which marks their hours and devices."""
+    tenant_id, device_id = device
+    now = DAY + timedelta(days=2)
+    with psycopg.connect(database_url) as writer_conn:
+        BatchWriter(writer_conn).write(
+            [
+                (Reading(tenant_id, device_id, metric, ts, value), Delivery(now, n))
+                for n, (metric, ts, value) in enumerate(readings)
+            ],
+            [],
+            now=now,
+        )
+
+
+SENSOR_TAGS = {HOURS_TAG: "2026-11-20T02", LATE_DAY_TAG: "2026-11-20"}
+
+
+def test_a_sensor_run_rewrites_only_the_devices_marked_dirty(conn, database_url, seeded):
+    other = seeded["other"]
+    insert(conn, other, [("energy_kwh", at(2.1), 6.0)])  # hour 02 holds both devices
+    assert materialize(database_url).success
+    before_other = hourly_rows(conn, other[1])
+    tenant_id, device_id = seeded["acme"]
+    late = [("energy_kwh", at(2.5), 150.0)]
+    land(database_url, seeded["acme"], late)
+    assert conn.execute(
+        "SELECT window_start, tenant_id, device_id FROM dirty_window_devices"
+    ).fetchall() == [(at(2), tenant_id, device_id)]
+
+    result = materialize(database_url, tags=SENSOR_TAGS)
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert daily_metadata(result, "telemetry_hourly")["dirty_devices"] == "1"
+    expected = expected_hours(READINGS + late, DAY, DAY + timedelta(days=1))
+    assert hourly_rows(conn, device_id)[("energy_kwh", at(2))] == expected[("energy_kwh", at(2))]
+    assert hourly_rows(conn, other[1]) == before_other
+    assert conn.execute("SELECT count(*) FROM dirty_window_devices").fetchone()[0] == 0
+    # the same rows as rewriting the whole day (computed_at aside)
+    partial = [all_rows(conn, t) for t in ("telemetry_hourly", "telemetry_daily")]
+    assert materialize(database_url).success
+    whole = [all_rows(conn, t) for t in ("telemetry_hourly", "telemetry_daily")]
+    assert [[r[:-1] for r in rows] for rows in partial] == [
+        [r[:-1] for r in rows] for rows in whole
+    ]
+
+
+def test_a_sensor_run_rewrites_the_whole_hour_when_rows_changed_without_marks(
+    conn, database_url, seeded
+):
+    assert materialize(database_url).success
+    # a reading inserted behind the daemon's back (no mark), then a marked one of another device
+    insert(conn, seeded["other"], [("energy_kwh", at(2.2), 6.0)])
+    land(database_url, seeded["acme"], [("energy_kwh", at(2.5), 150.0)])
+    result = materialize(database_url, tags=SENSOR_TAGS)
+    assert result.success
+    assert daily_metadata(result, "telemetry_hourly")["dirty_devices"] == "all"
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert hourly_rows(conn, seeded["other"][1])[("energy_kwh", at(2))][0] == 1
+
+
+def test_late_data_corrects_the_next_bucket_of_its_series(conn, database_url, seeded):
+    """A late reading that becomes the last one before a later bucket changes that bucket's
+    first increase: in the run's day it is corrected at once, in a later day it is marked."""
+    _, device_id = seeded["acme"]
+    insert(conn, seeded["acme"], [("energy_kwh", at(24.5), 40.0)])  # the next day, 00:30
+    assert materialize(database_url).success
+    assert materialize(database_url, partition="2026-11-21").success
+    # 23:59 reads 25 after 02:45's 5: 20 consumed in hour 23. A late 140 at 03:15 makes 23:59 a
+    # counter reset (25 consumed, one reset); a late 30 at 23:59:30 then moves the next day's
+    # 00:30 increase from 15 (40 - 25) to 10 (40 - 30)
+    first, second = ("energy_kwh", at(3.25), 140.0), ("energy_kwh", at(23 + 59.5 / 60), 30.0)
+    land(database_url, seeded["acme"], [first])
+    result = materialize(
+        database_url, tags={HOURS_TAG: "2026-11-20T03", LATE_DAY_TAG: "2026-11-20"}
+    )
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert daily_metadata(result, "telemetry_hourly")["next_buckets_corrected"] == 1
+    expected = expected_hours([*READINGS, first], DAY, DAY + timedelta(days=1))
+    assert hourly_rows(conn, device_id) == {
+        k: v for k, v in expected.items() if k[1] < DAY + timedelta(days=1)
+    } | {("energy_kwh", at(24)): hourly_rows(conn, device_id)[("energy_kwh", at(24))]}
+    assert hourly_rows(conn, device_id)[("energy_kwh", at(23))][6:] == (25.0, 1)  # a reset now
+
+    land(database_url, seeded["acme"], [second])
+    tags = {HOURS_TAG: "2026-11-20T23", LATE_DAY_TAG: "2026-11-20"}
+    result = materialize(database_url, tags=tags)
+    assert result.success
+    rows = hourly_rows(conn, device_id)
+    assert rows[("energy_kwh", at(23))][6:] == (30.0, 1)  # 25 after the reset, then 5
+    metadata = daily_metadata(result, "telemetry_hourly")
+    assert metadata["next_buckets_marked_dirty"] == 1
+    # the next day's hour 00 is marked for the sensor, device included
+    assert conn.execute("SELECT window_start, device_id FROM dirty_window_devices").fetchall() == [
+        (at(24), device_id)
+    ]
+    assert rollups.dirty_hours(conn, datetime.now(UTC) + timedelta(minutes=1)) == {
+        DAY + timedelta(days=1): [at(24)]
+    }
+    next_day = {HOURS_TAG: "2026-11-21T00", LATE_DAY_TAG: "2026-11-21"}
+    assert materialize(database_url, partition="2026-11-21", tags=next_day).success
+    assert hourly_rows(conn, device_id)[("energy_kwh", at(24))][6:] == (10.0, 0)
+    daily = conn.execute(
+        "SELECT bucket, consumption FROM telemetry_daily WHERE device_id = %s"
+        " AND metric = 'energy_kwh' ORDER BY bucket",
+        (device_id,),
+    ).fetchall()
+    hourly = conn.execute(
+        "SELECT date_trunc('day', bucket, 'UTC'), sum(consumption) FROM telemetry_hourly"
+        " WHERE device_id = %s AND metric = 'energy_kwh' GROUP BY 1 ORDER BY 1",
+        (device_id,),
+    ).fetchall()
+    assert [(b, round(c, 6)) for b, c in daily] == [(b, round(c, 6)) for b, c in hourly]
 
 
 def test_a_mark_renewed_after_the_hourly_step_stays_dirty(conn, database_url, seeded):

@@ -74,7 +74,8 @@ FROM STDIN (FORMAT BINARY)
 
 -- name: land_telemetry_staging
 -- Re-delivered readings hit the primary key and are skipped. Hours before the current one may
--- already be rolled up, so the readings that land there mark their (tenant, hour) dirty.
+-- already be rolled up, so the readings that land there mark their (tenant, hour) dirty, and
+-- the (tenant, hour, device).
 WITH landed AS (
     INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)
     SELECT tenant_id, device_id, metric, ts, value, received_at FROM telemetry_staging
@@ -90,6 +91,12 @@ WITH landed AS (
     SELECT DISTINCT tenant_id, date_trunc('hour', ts, 'UTC') FROM landed
      WHERE ts < date_trunc('hour', %(now)s::timestamptz, 'UTC')
     ON CONFLICT (tenant_id, window_start) DO UPDATE SET last_marked_at = now()
+), dirty_devices AS (
+    -- and the devices behind each, so a late-data run rewrites only their series
+    INSERT INTO dirty_window_devices (window_start, tenant_id, device_id)
+    SELECT DISTINCT date_trunc('hour', ts, 'UTC'), tenant_id, device_id FROM landed
+     WHERE ts < date_trunc('hour', %(now)s::timestamptz, 'UTC')
+    ON CONFLICT (window_start, tenant_id, device_id) DO UPDATE SET marked_at = now()
 ), staged AS (
     -- one row per reading even when a message was delivered twice within the batch
     SELECT device_id, metric, ts, min(message_no) AS message_no, bool_or(overage) AS overage,
@@ -143,7 +150,9 @@ SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
  GROUP BY d.device_id, t.tenant_id, p.plan_id
 
 -- name: rollup_hours_delete
+-- (devices: NULL for every series, or a late-data run's dirty devices)
 DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
+   AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
 
 -- name: rollup_hour_stats_raw
 -- PostgreSQL mode, the metrics that are not cumulative (the cumulative ones come whole from
@@ -167,6 +176,7 @@ SELECT g.*,
                max(value) AS value_max, min(ts) AS first_ts, max(ts) AS last_ts
           FROM telemetry
          WHERE ts >= %(start)s AND ts < %(end)s AND metric <> ALL (%(cumulative)s)
+           AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
          GROUP BY 1, 2, 3, 4) g
 
 -- name: rollup_hour_stats_cagg
@@ -233,6 +243,7 @@ SELECT tenant_id, device_id, metric, bucket,
                LATERAL (SELECT date_bin('1 hour', r.ts, TIMESTAMPTZ '2000-01-01 00:00+00')
                           AS bucket) b
          WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)
+           AND (%(devices)s::integer[] IS NULL OR r.device_id = ANY (%(devices)s))
         WINDOW w AS (PARTITION BY r.device_id, r.metric ORDER BY r.ts)) steps
  GROUP BY 1, 2, 3, 4
 
@@ -270,6 +281,7 @@ SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, val
        first_ts, first_value, last_ts, last_value, consumption, counter_resets
   FROM telemetry_hourly
  WHERE bucket >= %(start)s AND bucket < %(end)s
+   AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
 
 -- name: rollup_hours_mark
 -- A late-data run: the series whose rows in the window differ from what they were (changed,
@@ -281,14 +293,84 @@ SELECT DISTINCT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00+00'), te
          EXCEPT
          SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
                 first_ts, first_value, last_ts, last_value, consumption, counter_resets
-           FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s)
+           FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
+            AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s)))
         UNION ALL
         (SELECT tenant_id, device_id, metric, bucket, readings, value_sum, value_min, value_max,
                 first_ts, first_value, last_ts, last_value, consumption, counter_resets
            FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
+            AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
          EXCEPT
          SELECT * FROM rollup_old)) changed
 ON CONFLICT DO NOTHING
+
+-- name: rollup_hours_follow_up
+-- A late-data run: for each cumulative series it rewrote, the first bucket after the windows
+-- that holds a reading and is rolled up already. That bucket's first increase starts from the
+-- windows' last reading, which late data may have changed, so its consumption is computed
+-- again; the rows whose consumption or resets differ are kept (rollup_follow).
+CREATE TEMP TABLE rollup_follow ON COMMIT DROP AS
+WITH series AS (
+    SELECT DISTINCT tenant_id, device_id, metric FROM telemetry_hourly
+     WHERE bucket >= %(start)s AND bucket < %(end)s AND metric = ANY (%(cumulative)s)
+       AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
+), follow AS (
+    SELECT s.tenant_id, s.device_id, s.metric,
+           date_bin('1 hour', n.ts, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket
+      FROM series s
+      CROSS JOIN LATERAL (
+          SELECT t.ts FROM telemetry t
+           WHERE t.device_id = s.device_id AND t.metric = s.metric AND t.ts >= %(end)s
+             AND t.ts < (SELECT max(h.bucket) FROM telemetry_hourly h
+                          WHERE h.tenant_id = s.tenant_id) + interval '1 hour'
+           ORDER BY t.ts LIMIT 1) n
+), recomputed AS (
+    SELECT f.tenant_id, f.device_id, f.metric, f.bucket,
+           coalesce(sum(CASE WHEN x.step < 0 THEN x.value ELSE x.step END), 0) AS consumption,
+           count(*) FILTER (WHERE x.step < 0)::integer AS counter_resets
+      FROM follow f
+      CROSS JOIN LATERAL (
+          SELECT r.value,
+                 r.value - coalesce(
+                     lag(r.value) OVER (ORDER BY r.ts),
+                     (SELECT p.value FROM telemetry p
+                       WHERE p.device_id = f.device_id AND p.metric = f.metric
+                         AND p.ts >= %(start)s AND p.ts < %(end)s
+                       ORDER BY p.ts DESC LIMIT 1)) AS step
+            FROM telemetry r
+           WHERE r.device_id = f.device_id AND r.metric = f.metric
+             AND r.ts >= f.bucket AND r.ts < f.bucket + interval '1 hour') x
+     GROUP BY 1, 2, 3, 4
+)
+SELECT c.* FROM recomputed c
+  JOIN telemetry_hourly h USING (tenant_id, bucket, device_id, metric)
+ WHERE (h.consumption, h.counter_resets) IS DISTINCT FROM (c.consumption, c.counter_resets)
+
+-- name: rollup_hours_follow_up_apply
+-- Within the run's days: the corrected rows, and their series-days marked for the daily step.
+-- After them: marked dirty, so that the late-data sensor runs their days.
+WITH fixed AS (
+    UPDATE telemetry_hourly h SET consumption = f.consumption, counter_resets = f.counter_resets
+      FROM rollup_follow f
+     WHERE h.tenant_id = f.tenant_id AND h.bucket = f.bucket AND h.device_id = f.device_id
+       AND h.metric = f.metric AND f.bucket < %(days_end)s
+    RETURNING h.tenant_id, h.device_id, h.metric, h.bucket
+), stale AS (
+    INSERT INTO rollup_stale_days (day, tenant_id, device_id, metric)
+    SELECT DISTINCT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00+00'), tenant_id,
+           device_id, metric
+      FROM fixed
+    ON CONFLICT DO NOTHING
+), later AS (
+    INSERT INTO dirty_windows (tenant_id, window_start)
+    SELECT DISTINCT tenant_id, bucket FROM rollup_follow WHERE bucket >= %(days_end)s
+    ON CONFLICT (tenant_id, window_start) DO UPDATE SET last_marked_at = now()
+), later_devices AS (
+    INSERT INTO dirty_window_devices (window_start, tenant_id, device_id)
+    SELECT DISTINCT bucket, tenant_id, device_id FROM rollup_follow WHERE bucket >= %(days_end)s
+    ON CONFLICT (window_start, tenant_id, device_id) DO UPDATE SET marked_at = now()
+)
+SELECT (SELECT count(*) FROM fixed), (SELECT count(*) FROM rollup_follow) - (SELECT count(*) FROM fixed)
 
 -- name: rollup_days_take_marks
 -- The stale series-days of the days, taken (their marks removed) for re-summing.
