@@ -380,6 +380,13 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     help="Seconds a stop waits for an unavailable database before leaving the rest "
     "unacknowledged for the broker to deliver again (exit 1).",
 )
+@click.option(
+    "--writer-process/--no-writer-process",
+    default=True,
+    show_default=True,
+    help="Judge and commit in a second process of the slot, so that receiving has the "
+    "interpreter to itself (docs/ingest.md); --no-writer-process does everything in one.",
+)
 @friendly_errors
 def ingest_command(
     processes: int,
@@ -390,6 +397,7 @@ def ingest_command(
     metrics_port: int,
     metrics_host: str,
     stop_timeout: float,
+    writer_process: bool,
 ) -> None:
     """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
     acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
@@ -421,6 +429,7 @@ def ingest_command(
             metrics_host,
             "--stop-timeout",
             str(stop_timeout),
+            "--writer-process" if writer_process else "--no-writer-process",
         ]
         sys.exit(_run_slots(processes, options))
     config = IngestConfig(
@@ -439,6 +448,7 @@ def ingest_command(
         mqtt_cert_file=settings.mqtt_cert_file,
         mqtt_key_file=settings.mqtt_key_file,
         shared_subscription=settings.mqtt_shared_subscription,
+        writer_process=writer_process,
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:

@@ -7,6 +7,10 @@ memory). The writer commits each batch, or the open one once it is old enough, i
 transaction and only then acknowledges its messages, so a crash at any point loses nothing the
 broker accepted. Judging in paho's thread keeps the interpreter lock with one busy thread instead
 of handing it over for every message, which halved the single-process throughput.
+
+With ``writer_process`` (what ``iiot ingest`` runs) paho's thread only collects each message into
+the open batch, and the judging and the commit happen in a second process of the slot
+(``ingest_daemon.worker``); this process still acknowledges each batch after its commit.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import psycopg
 
 from iiot_orchestration.db import DatabaseUnavailable, open_connection
 from iiot_orchestration.mqtt import MqttOptions, check_options, connect_client, protocol_name
+from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
-from ingest_daemon.validation import DEFAULT_LIMITS, Device, Limits, Reading, Rejection, validate
-from ingest_daemon.writer import BatchResult, BatchWriter, DeadLetter, Delivery
+from ingest_daemon.validation import DEFAULT_LIMITS, Limits
+from ingest_daemon.worker import ProcessWriter, RawMessage, WorkerConfig
+from ingest_daemon.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ class IngestConfig:
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
     shared_subscription: bool = True
+    # judge and commit in a writer process beside the receiving one (ingest_daemon.worker), so
+    # that paho's thread has the interpreter to itself; `iiot ingest` turns it on
+    writer_process: bool = False
 
     @property
     def client_id(self) -> str:
@@ -92,27 +101,14 @@ class IngestConfig:
         )
 
 
-class TokenBuckets:
-    """Messages per minute per device, refilled continuously."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[int, tuple[float, float]] = {}
-
-    def take(self, device: Device, now: float) -> bool:
-        capacity = float(device.messages_per_minute)
-        tokens, last = self._buckets.get(device.device_id, (capacity, now))
-        tokens = min(capacity, tokens + (now - last) * capacity / 60.0)
-        allowed = tokens >= 1.0
-        self._buckets[device.device_id] = (tokens - 1.0 if allowed else tokens, now)
-        return allowed
-
-
 @dataclass
 class Batch:
+    """Messages received, judged here (``judged``) or raw for the writer process (``raw``)."""
+
     started: float = 0.0
     mids: list[int] = field(default_factory=list)
-    readings: list[tuple[Reading, Delivery]] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    judged: Judged = field(default_factory=Judged)
+    raw: list[RawMessage] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.mids)
@@ -139,7 +135,15 @@ class IngestDaemon:
         registry is read or anything connects."""
         check_options(config.mqtt_options)
         self.config = config
-        self.registry = registry or RegistryCache(config.database_url)
+        # with a writer process, the registry and the judging live there
+        self.registry = (
+            None if config.writer_process else registry or RegistryCache(config.database_url)
+        )
+        self.judge = (
+            None
+            if self.registry is None
+            else Judge(self.registry.get, config.prefix, config.limits)
+        )
         # paho's thread judges each message into the open batch; full batches wait here for the
         # writer (the caller's thread). When this is full, paho's thread blocks: backpressure.
         self._lock = threading.Lock()
@@ -148,14 +152,15 @@ class IngestDaemon:
             max(1, config.queue_messages // config.batch_rows)
         )
         self.counters = Counters()
-        self.buckets = TokenBuckets()
         self.accepting = threading.Event()
         self._stop: threading.Event | None = None
         self._stopping_since: float | None = None
         self.connected = threading.Event()
         self.protocol: str | None = None  # "5" or "3.1.1", once connected
         self._client: mqtt.Client | None = None
-        self._writer: BatchWriter | None = None
+        self._writer: BatchWriter | ProcessWriter | None = None
+        self._process: ProcessWriter | None = None
+        self._batch_ids = 0
         self.metrics = IngestMetrics()
         self.http: ThreadingHTTPServer | None = None
 
@@ -172,8 +177,14 @@ class IngestDaemon:
             batch = self._open
             if not batch:
                 batch.started = time.monotonic()
-            self._judge(message, batch)
-            if len(batch.readings) < self.config.batch_rows and len(batch) < self.config.batch_rows:
+            if self.judge is None:  # the writer process judges
+                self.counters.received += 1
+                batch.mids.append(message.mid)
+                batch.raw.append((message.mid, message.topic, message.payload, time.time()))
+            else:
+                self._judge(message, batch)
+            rows = self.config.batch_rows
+            if len(batch.judged.readings) < rows and len(batch) < rows:
                 return
             self._open = Batch()
             # blocks while the writer is behind: paho stops reading and the broker holds the rest
@@ -249,7 +260,17 @@ class IngestDaemon:
             self.http = serve(
                 self.metrics, self.config.metrics_port, self.ready, self.config.metrics_host
             )
-        self.registry.start()
+        if self.registry is not None:
+            self.registry.start()
+        if self.config.writer_process:
+            self._process = ProcessWriter(
+                WorkerConfig(
+                    self.config.database_url,
+                    self.config.prefix,
+                    self.config.limits,
+                    self.config.slot,
+                )
+            )
         self._open_writer()
         self.accepting.set()
         client = None
@@ -266,9 +287,11 @@ class IngestDaemon:
             if client is not None:
                 client.loop_stop()
                 client.disconnect()
-            self.registry.stop()
-            if self._writer is not None:
-                self._writer.conn.close()
+            if self.registry is not None:
+                self.registry.stop()
+            self._close_writer()
+            if self._process is not None:
+                self._process.close()
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
@@ -321,57 +344,27 @@ class IngestDaemon:
     def _judge(self, message: mqtt.MQTTMessage, batch: Batch) -> None:
         self.counters.received += 1
         self.metrics.received.inc()
-        received_at = datetime.now(UTC)
-        verdict = validate(
-            message.topic,
-            message.payload,
-            self.registry.get,
-            prefix=self.config.prefix,
-            now=received_at,
-            limits=self.config.limits,
-        )
-        device = verdict.device
-        rejections = verdict.rejections
-        readings = verdict.readings
-        overage = False
-        if readings and device is not None and not self.buckets.take(device, time.monotonic()):
-            if device.hard_block:
-                rejections = [
-                    *rejections,
-                    Rejection(
-                        "rate_limited",
-                        f"over the plan's {device.messages_per_minute} messages per minute",
-                        message.payload,
-                    ),
-                ]
-                readings = []
-            else:
-                overage = True
-                self.counters.overage += 1
-                self.metrics.overage.inc()
-        delivery = Delivery(received_at, len(batch.mids), overage)
+        if self.judge.judge(batch.judged, message.topic, message.payload, datetime.now(UTC)):
+            self.counters.overage += 1
+            self.metrics.overage.inc()
         batch.mids.append(message.mid)
-        batch.readings.extend((reading, delivery) for reading in readings)
-        batch.dead_letters.extend(
-            DeadLetter(
-                received_at,
-                message.topic,
-                verdict.mac,
-                device.tenant_id if device else None,
-                device.device_id if device else None,
-                rejection,
-            )
-            for rejection in rejections
-        )
 
     def _flush(self, batch: Batch) -> None:
         """Commit the batch, retrying until the database takes it, then acknowledge it."""
         delay = 0.5
         started = time.perf_counter()
+        self._batch_ids += 1
         while True:
             try:
                 writer = self._writer or self._open_writer(raise_errors=True)
-                result = writer.write(batch.readings, batch.dead_letters, now=datetime.now(UTC))
+                if isinstance(writer, ProcessWriter):
+                    written = writer.write(batch.raw, self._batch_ids)
+                else:
+                    judged = batch.judged
+                    result = writer.write(
+                        judged.readings, judged.dead_letters, now=datetime.now(UTC)
+                    )
+                    written = judged.written(result)
                 break
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 # keep the batch, acknowledge nothing, and let the queue fill: backpressure
@@ -380,15 +373,13 @@ class IngestDaemon:
                     "database unavailable; retrying the batch",
                     extra={"error": str(exc)[:200], "retry_in_s": delay},
                 )
-                if self._writer is not None:
-                    self._writer.conn.close()
-                    self._writer = None
+                self._close_writer()
                 if self._stop_timed_out():
                     raise ShutdownAbandoned(batch) from exc
                 self._wait_to_retry(delay)
                 delay = min(delay * 2, 10.0)
         acknowledge(self._client, batch.mids)
-        self._observe(batch, result, time.perf_counter() - started)
+        self._observe(batch, written, time.perf_counter() - started)
 
     def _note_stop(self) -> bool:
         """Stop accepting once asked to (paho's thread then leaves new messages unacknowledged);
@@ -425,15 +416,24 @@ class IngestDaemon:
             pending += len(self._sealed.get_nowait())
         return pending + len(self._open)
 
-    def _open_writer(self, *, raise_errors: bool = False) -> BatchWriter | None:
+    def _close_writer(self) -> None:
+        if isinstance(self._writer, BatchWriter):
+            self._writer.conn.close()
+        self._writer = None
+
+    def _open_writer(self, *, raise_errors: bool = False) -> BatchWriter | ProcessWriter | None:
         try:
-            self._writer = BatchWriter(
-                open_connection(
-                    self.config.database_url,
-                    role="platform_rw",
-                    application_name=f"iiot-ingest-{self.config.slot}",
+            if self._process is not None:
+                self._process.open()
+                self._writer = self._process
+            else:
+                self._writer = BatchWriter(
+                    open_connection(
+                        self.config.database_url,
+                        role="platform_rw",
+                        application_name=f"iiot-ingest-{self.config.slot}",
+                    )
                 )
-            )
         except (psycopg.OperationalError, DatabaseUnavailable):
             if raise_errors:
                 raise
@@ -441,19 +441,23 @@ class IngestDaemon:
         self.metrics.database_connected.set(1)
         return self._writer
 
-    def _observe(self, batch: Batch, result: BatchResult, seconds: float) -> None:
+    def _observe(self, batch: Batch, written: Written, seconds: float) -> None:
         """Count a committed batch, for the caller (counters) and for Prometheus (metrics)."""
-        counters, metrics = self.counters, self.metrics
+        counters, metrics, result = self.counters, self.metrics, written.result
         counters.batches += 1
         counters.landed += result.landed
         counters.duplicates += result.duplicates
         counters.dead_letters += result.dead_letters
+        if self.judge is None:  # judged in the writer process: counted per batch
+            metrics.received.inc(len(batch))
+            counters.overage += written.overage
+            metrics.overage.inc(written.overage)
         metrics.flush_seconds.observe(seconds)
         metrics.batch_size.observe(len(batch))
         metrics.landed.inc(result.landed)
         metrics.duplicates.inc(result.duplicates)
-        for letter in batch.dead_letters:
-            metrics.dead_letters.labels(letter.rejection.reason).inc()
-        if batch.readings:
-            newest = max(reading.ts for reading, _ in batch.readings)
-            metrics.lag_seconds.observe(max((datetime.now(UTC) - newest).total_seconds(), 0.0))
+        for reason, count in written.dead_letter_reasons.items():
+            metrics.dead_letters.labels(reason).inc(count)
+        if written.newest is not None:
+            lag = (datetime.now(UTC) - written.newest).total_seconds()
+            metrics.lag_seconds.observe(max(lag, 0.0))

@@ -1,6 +1,10 @@
 """Shared by the ingest tests."""
 
+import contextlib
 import time
+from collections.abc import Iterator
+
+import psycopg
 
 from iiot_orchestration import registry
 
@@ -24,3 +28,21 @@ def wait_for(condition, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@contextlib.contextmanager
+def database_refusing_ingest(pg_server: str, database_url: str) -> Iterator[None]:
+    """The database refuses new connections and the ingest daemon's sessions are cut (their
+    application_name starts with iiot-ingest); connections are let in again on exit."""
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name LIKE 'iiot-ingest%%'",
+                (name,),
+            )
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import dagster as dg
 import paho.mqtt.client as mqtt
-import psycopg
 import pytest
 
 from assets.marts import dbt_resource, marts
@@ -27,7 +26,7 @@ from iiot_orchestration.partitions import TENANTS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.services import free_port
 from iiot_orchestration.storage import storage_for
-from tests.ingest_helpers import count, wait_for
+from tests.ingest_helpers import count, database_refusing_ingest, wait_for
 
 DEVICES = 4
 MESSAGES = 15  # per device; an energy meter's message carries energy_kwh and power_w
@@ -205,22 +204,12 @@ def test_the_database_going_away_mid_stream_loses_and_doubles_nothing(
     conn, database_url, pg_server, fleet
 ):
     env, ready, _ = fleet
-    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
     fleet_run = simulate(env, "--rate", "1")
     assert wait_for(lambda: count(conn, "telemetry") > 0, 30)
     cut = threading.Event()
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        try:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND application_name LIKE 'iiot-ingest%%'",
-                (name,),
-            )
-            cut.set()
-            assert wait_for(lambda: health(ready) == 503, 30)  # it met the outage, retries
-        finally:
-            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    with database_refusing_ingest(pg_server, database_url):
+        cut.set()
+        assert wait_for(lambda: health(ready) == 503, 30)  # it met the outage, retries
     finish(fleet_run)
     assert cut.is_set()
     assert wait_for(lambda: count(conn, "telemetry") == READINGS, 90)

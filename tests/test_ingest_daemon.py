@@ -10,12 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import paho.mqtt.client as mqtt
-import psycopg
 import pytest
 
 from iiot_orchestration.services import free_port
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
-from tests.ingest_helpers import MAC, count, provision, wait_for
+from tests.ingest_helpers import MAC, count, database_refusing_ingest, provision, wait_for
 
 
 @pytest.fixture
@@ -26,6 +25,12 @@ def publisher(ingest_broker):
     yield client
     client.loop_stop()
     client.disconnect()
+
+
+@pytest.fixture(params=[False, True], ids=["one-process", "writer-process"])
+def writer_process(request):
+    """The slot judges and commits in paho's process, or in its writer process."""
+    return request.param
 
 
 def reading(minutes_ago: int, value: float) -> bytes:
@@ -63,7 +68,7 @@ class Running:
 
 
 def test_stream_lands_valid_readings_and_dead_letters_the_rest(
-    conn, database_url, ingest_broker, publisher
+    conn, database_url, ingest_broker, publisher, writer_process
 ):
     provision(conn)
     topic = f"iiot/devices/{MAC}/telemetry"
@@ -84,7 +89,9 @@ def test_stream_lands_valid_readings_and_dead_letters_the_rest(
             ),
         ),
     ]
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    running = Running(
+        database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", writer_process=writer_process
+    )
     try:
         publish_all(publisher, good[:20] + bad + good[20:] + good[:5])  # 5 re-deliveries
         assert wait_for(lambda: count(conn, "telemetry") == 40 and count(conn, "dead_letters") == 6)
@@ -119,10 +126,14 @@ def test_messages_sent_while_stopped_arrive_after_restart(
 
 
 @pytest.mark.parametrize(("plan", "landed", "limited"), [("starter", 6, 4), ("enterprise", 10, 0)])
-def test_message_rate_quota(conn, database_url, ingest_broker, publisher, plan, landed, limited):
+def test_message_rate_quota(
+    conn, database_url, ingest_broker, publisher, plan, landed, limited, writer_process
+):
     provision(conn, plan)
     conn.execute("UPDATE plans SET messages_per_minute_per_device = 6")
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}")
+    running = Running(
+        database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", writer_process=writer_process
+    )
     try:
         publish_all(
             publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 11)]
@@ -149,11 +160,17 @@ def get(url):
         return error.code, error.read().decode()
 
 
-def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publisher):
+def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publisher, writer_process):
     provision(conn)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
+    running = Running(
+        database_url,
+        ingest_broker,
+        f"g{uuid.uuid4().hex[:6]}",
+        port,
+        writer_process=writer_process,
+    )
     try:
         assert get(f"{base}/health/live") == (200, "live\n")
         assert get(f"{base}/health/ready") == (200, "ready\n")
@@ -178,29 +195,27 @@ def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publish
 def outage_during_a_stream(database_url, pg_server, publisher, ready_url):
     """The database refuses the daemon's connections while 20 readings are published; yields
     once the daemon has met the outage (not ready), and lets connections in again on exit."""
-    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        try:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND application_name LIKE 'iiot-ingest%%'",
-                (name,),
-            )
-            publish_all(
-                publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 21)]
-            )
-            assert wait_for(lambda: get(ready_url)[0] == 503)  # it met the outage and retries
-            yield
-        finally:
-            admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    with database_refusing_ingest(pg_server, database_url):
+        publish_all(
+            publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 21)]
+        )
+        assert wait_for(lambda: get(ready_url)[0] == 503)  # it met the outage and retries
+        yield
 
 
-def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publisher, pg_server):
+def test_database_outage_loses_nothing(
+    conn, database_url, ingest_broker, publisher, pg_server, writer_process
+):
     provision(conn)
     port = free_port()
     ready = f"http://127.0.0.1:{port}/health/ready"
-    running = Running(database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", port)
+    running = Running(
+        database_url,
+        ingest_broker,
+        f"g{uuid.uuid4().hex[:6]}",
+        port,
+        writer_process=writer_process,
+    )
     try:
         with outage_during_a_stream(database_url, pg_server, publisher, ready):
             pass
@@ -211,14 +226,21 @@ def test_database_outage_loses_nothing(conn, database_url, ingest_broker, publis
 
 
 def test_stop_during_a_database_outage_gives_up_after_the_timeout(
-    conn, database_url, ingest_broker, publisher, pg_server
+    conn, database_url, ingest_broker, publisher, pg_server, writer_process
 ):
     """A stop does not wait forever for the database: after the stop timeout the daemon exits,
     leaving its messages unacknowledged, and the broker delivers them to the next session."""
     provision(conn)
     group = f"g{uuid.uuid4().hex[:6]}"
     port = free_port()
-    running = Running(database_url, ingest_broker, group, port, stop_timeout_s=1.0)
+    running = Running(
+        database_url,
+        ingest_broker,
+        group,
+        port,
+        stop_timeout_s=1.0,
+        writer_process=writer_process,
+    )
     ready = f"http://127.0.0.1:{port}/health/ready"
     with outage_during_a_stream(database_url, pg_server, publisher, ready):
         counters = running.finish()  # joins within 30 s or fails

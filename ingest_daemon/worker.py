@@ -1,0 +1,163 @@
+"""The writer process of an ingest slot: judges raw messages and commits them, beside the process
+that receives them.
+
+In one Python process, paho's network thread and the work done per message (JSON, validation,
+quotas, the COPY rows) share one interpreter lock, and the slot then received at about 0.7 x the
+rate of a paho client doing nothing. With ``IngestConfig.writer_process`` the receiving process
+only collects each message (topic, payload, packet id, arrival time) into the open batch and
+hands sealed batches to this process through a pipe; this process judges them, commits them in
+one transaction and answers with what landed, and the receiving process then acknowledges the
+batch to the broker. Acknowledgements still follow the commit, so a crash of either process
+loses nothing the broker accepted.
+
+The pipe carries ``(kind, ...)`` tuples. Requests: ``("open",)``, ``("write", batch_id,
+messages)``, ``("stop",)``. Answers: ``("ok", payload)``, ``("unavailable", error)`` (the
+database: the receiving process retries the same batch, which is not judged twice) or
+``("fatal", error)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+
+import psycopg
+
+from iiot_orchestration.db import DatabaseUnavailable, open_connection
+from iiot_orchestration.errors import IiotError
+from ingest_daemon.judge import Judge, Judged, Written
+from ingest_daemon.registry_cache import RegistryCache
+from ingest_daemon.validation import Limits
+from ingest_daemon.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+RawMessage = tuple[int, str, bytes, float]  # packet id, topic, payload, arrival (epoch seconds)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    database_url: str
+    prefix: str
+    limits: Limits
+    slot: int
+
+
+class WorkerFailed(IiotError):
+    """The writer process could not start, or died."""
+
+
+def open_writer(config: WorkerConfig) -> BatchWriter:
+    return BatchWriter(
+        open_connection(
+            config.database_url,
+            role="platform_rw",
+            application_name=f"iiot-ingest-{config.slot}",
+        )
+    )
+
+
+def judge_raw(judge: Judge, messages: list[RawMessage]) -> Judged:
+    judged = Judged()
+    for _mid, topic, payload, arrived in messages:
+        judge.judge(judged, topic, payload, datetime.fromtimestamp(arrived, UTC))
+    return judged
+
+
+def main(pipe: Connection, config: WorkerConfig) -> None:  # pragma: no cover - a subprocess
+    """The writer process: signals are the receiving process's to handle (it drains, then sends
+    ``stop``), so they are ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(pipe, config)
+
+
+def serve(pipe: Connection, config: WorkerConfig) -> None:
+    """The writer process's loop; returns on ``stop`` or when the receiving process is gone."""
+    try:
+        registry = RegistryCache(config.database_url)
+    except (psycopg.Error, DatabaseUnavailable) as exc:
+        pipe.send(("fatal", f"cannot read the device registry: {exc}"))
+        return
+    registry.start()
+    judge = Judge(registry.get, config.prefix, config.limits)
+    writer: BatchWriter | None = None
+    pending: tuple[int, Judged] | None = None  # a batch judged, waiting for the database
+    try:
+        while True:
+            try:
+                request = pipe.recv()
+            except EOFError:
+                return  # the receiving process is gone: nothing of ours was acknowledged
+            if request[0] == "stop":
+                return
+            try:
+                writer = writer or open_writer(config)
+                if request[0] == "open":
+                    pipe.send(("ok", None))
+                    continue
+                _, batch_id, messages = request
+                if pending is None or pending[0] != batch_id:
+                    pending = (batch_id, judge_raw(judge, messages))
+                judged = pending[1]
+                result = writer.write(judged.readings, judged.dead_letters, now=datetime.now(UTC))
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                if writer is not None:
+                    writer.conn.close()
+                    writer = None
+                pipe.send(("unavailable", str(exc)[:500]))
+                continue
+            pending = None
+            pipe.send(("ok", judged.written(result)))
+    finally:
+        registry.stop()
+        if writer is not None:
+            writer.conn.close()
+
+
+class ProcessWriter:
+    """The receiving process's handle on its writer process."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        context = multiprocessing.get_context("spawn")  # no copy of paho's threads or sockets
+        self._pipe, child = context.Pipe()
+        self.process = context.Process(
+            target=main, args=(child, config), name=f"ingest-writer-{config.slot}", daemon=True
+        )
+        self.process.start()
+        child.close()
+        self._batches = 0
+
+    def _ask(self, request: tuple) -> object:
+        try:
+            self._pipe.send(request)
+            kind, payload = self._pipe.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerFailed(f"the ingest writer process stopped ({exc!r})") from exc
+        if kind == "unavailable":
+            raise DatabaseUnavailable(payload)
+        if kind == "fatal":
+            raise WorkerFailed(payload)
+        return payload
+
+    def open(self) -> None:
+        """Raises DatabaseUnavailable while the writer process cannot reach the database."""
+        self._ask(("open",))
+
+    def write(self, messages: list[RawMessage], batch_id: int) -> Written:
+        """Judge and commit one batch; raises DatabaseUnavailable (retry with the same id)."""
+        return self._ask(("write", batch_id, messages))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._pipe.send(("stop",))
+        self.process.join(10)
+        if self.process.is_alive():  # pragma: no cover - a writer stuck in the database
+            self.process.kill()
+            self.process.join(5)
+        self._pipe.close()

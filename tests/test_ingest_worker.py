@@ -1,0 +1,93 @@
+"""The writer process's loop (ingest_daemon.worker), run here in a thread on a real pipe and a
+real PostgreSQL: what it answers, and that a batch retried after an outage is judged once."""
+
+import multiprocessing
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from ingest_daemon.validation import DEFAULT_LIMITS
+from ingest_daemon.worker import ProcessWriter, WorkerConfig, WorkerFailed, serve
+from tests.ingest_helpers import MAC, count, database_refusing_ingest, provision
+
+TOPIC = f"iiot/devices/{MAC}/telemetry"
+
+
+def message(mid: int, minutes_ago: int) -> tuple[int, str, bytes, float]:
+    ts = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
+    payload = orjson.dumps({"ts": ts, "metrics": {"energy_kwh": float(mid)}})
+    return (mid, TOPIC, payload, time.time())
+
+
+@pytest.fixture
+def loop(database_url):
+    """The loop in a thread; yields the receiving end of its pipe."""
+    ours, theirs = multiprocessing.Pipe()
+    config = WorkerConfig(database_url, "iiot", DEFAULT_LIMITS, 0)
+    thread = threading.Thread(target=serve, args=(theirs, config))
+    thread.start()
+    yield ours
+    ours.send(("stop",))
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_a_batch_retried_after_an_outage_is_judged_once(conn, database_url, pg_server, loop):
+    provision(conn, "starter")
+    conn.execute("UPDATE plans SET messages_per_minute_per_device = 3")
+    loop.send(("open",))
+    assert loop.recv() == ("ok", None)
+    batch = [message(mid, 5) for mid in range(1, 6)] + [(9, TOPIC, b"{", time.time())]
+    with database_refusing_ingest(pg_server, database_url):
+        loop.send(("write", 1, batch))
+        kind, error = loop.recv()
+        assert kind == "unavailable"
+        assert error
+    loop.send(("write", 1, batch))  # the same batch again: its verdicts are kept
+    kind, written = loop.recv()
+    assert kind == "ok"
+    # the plan allows 3 a minute: judged twice, the second judging would limit all five
+    assert (written.result.landed, written.result.dead_letters) == (3, 3)
+    assert written.dead_letter_reasons == {"rate_limited": 2, "malformed_json": 1}
+    assert written.newest is not None
+    assert count(conn, "telemetry") == 3
+    assert count(conn, "dead_letters", "reason = 'rate_limited'") == 2
+    loop.send(("write", 2, [message(1, 5)]))  # a new batch is judged: the bucket is empty
+    kind, written = loop.recv()
+    assert (written.result.landed, written.dead_letter_reasons) == (0, {"rate_limited": 1})
+
+
+def test_a_worker_without_a_registry_says_why(loop_without_database):
+    kind, error = loop_without_database
+    assert kind == "fatal"
+    assert "device registry" in error
+
+
+@pytest.fixture
+def loop_without_database():
+    ours, theirs = multiprocessing.Pipe()
+    config = WorkerConfig(
+        "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", "iiot", DEFAULT_LIMITS, 0
+    )
+    thread = threading.Thread(target=serve, args=(theirs, config))
+    thread.start()
+    answer = ours.recv()
+    thread.join(30)
+    return answer
+
+
+def test_the_process_handle_reports_a_writer_that_cannot_start():
+    writer = ProcessWriter(
+        WorkerConfig(
+            "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", "iiot", DEFAULT_LIMITS, 0
+        )
+    )
+    try:
+        with pytest.raises(WorkerFailed, match="device registry"):
+            writer.open()
+    finally:
+        writer.close()
+    assert not writer.process.is_alive()
