@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.manifests import strict_json_object
 
 SCHEMA_VERSION = 1
 MANIFEST_FORMAT = 1
@@ -165,17 +166,7 @@ class Manifest:
     @classmethod
     def parse(cls, text: str) -> Manifest:
         """Validate everything; an ArchiveError names the first problem."""
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:
-            raise ArchiveError(f"not valid JSON: {str(exc)[:120]}") from None
-        if not isinstance(data, dict):
-            raise ArchiveError("not a JSON object")
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ArchiveError(
-                f"format {str(data.get('format'))[:20]!r} is not {MANIFEST_FORMAT}: written by "
-                "another version of iiot"
-            )
+        data = strict_json_object(text, MANIFEST_FORMAT, ArchiveError)
         version = _count(data, "schema_version")
         if version != SCHEMA_VERSION:
             raise ArchiveError(f"schema_version {version} is not {SCHEMA_VERSION}")
@@ -218,19 +209,6 @@ class Manifest:
             created_at=_time(data, "created_at"),
             schema_version=version,
         )
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise ValueError(f"the key {key[:60]!r} appears twice")
-        found[key] = value
-    return found
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _count(data: dict[str, Any], key: str) -> int:

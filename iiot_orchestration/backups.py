@@ -43,6 +43,7 @@ from psycopg.types.json import Jsonb
 from iiot_orchestration import alerts, migrate
 from iiot_orchestration.db import APP_ROLES, DatabaseUnavailable, open_connection
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.manifests import strict_json_object
 from iiot_orchestration.settings import mask_password, to_url
 
 log = logging.getLogger(__name__)
@@ -364,17 +365,7 @@ class Manifest:
     @classmethod
     def parse(cls, text: str) -> Manifest:
         """Validate everything; a ManifestError names the first problem."""
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:
-            raise ManifestError(f"not valid JSON: {str(exc)[:120]}") from None
-        if not isinstance(data, dict):
-            raise ManifestError("not a JSON object")
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(
-                f"format {str(data.get('format'))[:20]!r} is not {MANIFEST_FORMAT}: written by "
-                "another version of iiot"
-            )
+        data = strict_json_object(text, MANIFEST_FORMAT, ManifestError)
         backup_id = _text(data, "backup_id")
         if not BACKUP_ID.match(backup_id):
             raise ManifestError(f"backup_id {backup_id[:40]!r} is not YYYYMMDDTHHMMSSZ")
@@ -430,19 +421,6 @@ class Manifest:
             tables=tables,
             smoke=smoke,
         )
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise ValueError(f"the key {key[:60]!r} appears twice")
-        found[key] = value
-    return found
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _text(data: dict[str, Any], key: str, where: str = "") -> str:
