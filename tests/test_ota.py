@@ -35,6 +35,9 @@ POLICY = ota.RenewalPolicy(
     backoff=timedelta(hours=24),
 )
 
+# a well-formed renewal id that no renewal has (fixed: xdist workers collect the same ids)
+UNKNOWN_RENEWAL = "2ecfa27c-0093-4c00-8917-cc86c41135f2"
+
 
 @pytest.fixture(scope="session")
 def session_ca(tmp_path_factory) -> Path:
@@ -365,25 +368,25 @@ def test_acks_that_do_not_fit_are_kept_and_change_nothing(conn, ca, broker, publ
         ),
         (
             f"{PREFIX}/devices/{mac(1)}/cert_ack",
-            json.dumps({"renewal_id": str(uuid.uuid4()), "status": "maybe"}).encode(),
+            json.dumps({"renewal_id": UNKNOWN_RENEWAL, "status": "maybe"}).encode(),
             "status must be success or failure",
         ),
         (
             f"{PREFIX}/devices/{mac(1)}/cert_ack",
-            json.dumps({"renewal_id": str(uuid.uuid4()), "status": "failure"}).encode(),
+            json.dumps({"renewal_id": UNKNOWN_RENEWAL, "status": "failure"}).encode(),
             "a failure needs a reason",
         ),
         (
             f"{PREFIX}/devices/{mac(1)}/cert_ack",
             json.dumps(
-                {"renewal_id": str(uuid.uuid4()), "status": "failure", "reason": "x" * 301}
+                {"renewal_id": UNKNOWN_RENEWAL, "status": "failure", "reason": "x" * 301}
             ).encode(),
             "at most 300 characters",
         ),
         (
             f"{PREFIX}/devices/{mac(1)}/cert_ack",
             json.dumps(
-                {"renewal_id": str(uuid.uuid4()), "status": "success", "serial": "zz"}
+                {"renewal_id": UNKNOWN_RENEWAL, "status": "success", "serial": "zz"}
             ).encode(),
             "serial must be hex",
         ),
