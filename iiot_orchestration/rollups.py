@@ -85,6 +85,13 @@ class RollupResult:
     follow_ups: tuple[int, int] = (0, 0)
 
 
+def _window_params(
+    window: Window, cumulative: list[str], devices: list[int] | None
+) -> dict[str, object]:
+    """The parameters of the per-window rollup statements (devices: None for every series)."""
+    return {"start": window.start, "end": window.end, "cumulative": cumulative, "devices": devices}
+
+
 class _PartialMismatch(Exception):
     """Rewriting only the dirty devices left a window's rollup count unequal to its raw count:
     the window was never wholly rolled up, or changed without marks; it is rewritten whole."""
@@ -179,12 +186,7 @@ def _side_pass(
     mode: str,
     devices: list[int] | None,
 ) -> _SidePass:
-    params = {
-        "start": window.start,
-        "end": window.end,
-        "cumulative": cumulative,
-        "devices": devices,
-    }
+    params = _window_params(window, cumulative, devices)
     rows = conn.execute(_side_query(mode), params).fetchall()
     source = conn.execute(
         "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s", params
@@ -261,21 +263,13 @@ def _rollup_hours_once(
                     "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
                     + _stats_query(mode)
                     + " WITH NO DATA",
-                    {
-                        "start": windows[0].start,
-                        "end": windows[0].end,
-                        "cumulative": cumulative,
-                        "devices": devices,
-                    },
+                    _window_params(windows[0], cumulative, devices),
                 )
                 for window in windows:
-                    params = {
-                        "start": window.start,
-                        "end": window.end,
-                        "cumulative": cumulative,
-                        "devices": devices,
-                    }
-                    conn.execute("INSERT INTO rollup_stats " + _stats_query(mode), params)
+                    conn.execute(
+                        "INSERT INTO rollup_stats " + _stats_query(mode),
+                        _window_params(window, cumulative, devices),
+                    )
                 passes = side_results()
             _load_side_rows(conn, [row for p in passes for row in p.consumption], mode)
             span = {"start": windows[0].start, "end": windows[-1].end, "devices": devices}
@@ -291,19 +285,19 @@ def _rollup_hours_once(
                 follow_ups = _follow_up(conn, windows, cumulative, devices)
             for window, side_pass in zip(windows, passes, strict=True):
                 params = {"start": window.start, "end": window.end}
-                readings += conn.execute(
+                rolled_up = conn.execute(
                     "SELECT coalesce(sum(readings), 0) FROM telemetry_hourly"
                     " WHERE bucket >= %(start)s AND bucket < %(end)s",
                     params,
                 ).fetchone()[0]
-                source += side_pass.source_readings
-                if devices is not None and readings != source:
+                if devices is not None and rolled_up != side_pass.source_readings:
                     raise _PartialMismatch(
-                        f"{window.start:%Y-%m-%d %H:%M}..{window.end:%H:%M} counts "
-                        f"{readings - (source - side_pass.source_readings)} rolled-up readings "
-                        f"for {side_pass.source_readings} raw ones after rewriting "
-                        f"{len(devices)} dirty devices"
+                        f"{window.start:%Y-%m-%d %H:%M}..{window.end:%H:%M} counts {rolled_up} "
+                        f"rolled-up readings for {side_pass.source_readings} raw ones after "
+                        f"rewriting {len(devices)} dirty devices"
                     )
+                readings += rolled_up
+                source += side_pass.source_readings
                 conn.execute(
                     "UPDATE dirty_windows SET rolled_up_at = now()"
                     " WHERE window_start >= %(start)s AND window_start < %(end)s",
@@ -339,13 +333,7 @@ def _follow_up(
     fixed = later = 0
     for window in windows:
         conn.execute("DROP TABLE IF EXISTS rollup_follow")
-        params = {
-            "start": window.start,
-            "end": window.end,
-            "cumulative": cumulative,
-            "devices": devices,
-        }
-        conn.execute(query("rollup_hours_follow_up"), params)
+        conn.execute(query("rollup_hours_follow_up"), _window_params(window, cumulative, devices))
         counts = conn.execute(
             query("rollup_hours_follow_up_apply"), {"days_end": window.days().end}
         ).fetchone()

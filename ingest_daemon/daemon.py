@@ -28,13 +28,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 
-from iiot_orchestration.db import DatabaseUnavailable, open_connection
+from iiot_orchestration.db import DatabaseUnavailable
 from iiot_orchestration.mqtt import MqttOptions, check_options, connect_client, protocol_name
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import DEFAULT_LIMITS, Limits
-from ingest_daemon.worker import ProcessWriter, RawMessage, WorkerConfig
+from ingest_daemon.worker import ProcessWriter, RawMessage, WorkerConfig, open_writer
 from ingest_daemon.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,10 @@ class IngestDaemon:
         self._writer: BatchWriter | ProcessWriter | None = None
         self._process: ProcessWriter | None = None
         self._batch_ids = 0
+        # where and as whom batches are written, by this process or by the writer process
+        self._worker_config = WorkerConfig(
+            config.database_url, config.prefix, config.limits, config.slot
+        )
         self.metrics = IngestMetrics()
         self.http: ThreadingHTTPServer | None = None
 
@@ -180,7 +184,7 @@ class IngestDaemon:
             if self.judge is None:  # the writer process judges
                 self.counters.received += 1
                 batch.mids.append(message.mid)
-                batch.raw.append((message.mid, message.topic, message.payload, time.time()))
+                batch.raw.append((message.topic, message.payload, time.time()))
             else:
                 self._judge(message, batch)
             rows = self.config.batch_rows
@@ -263,14 +267,7 @@ class IngestDaemon:
         if self.registry is not None:
             self.registry.start()
         if self.config.writer_process:
-            self._process = ProcessWriter(
-                WorkerConfig(
-                    self.config.database_url,
-                    self.config.prefix,
-                    self.config.limits,
-                    self.config.slot,
-                )
-            )
+            self._process = ProcessWriter(self._worker_config)
         self._open_writer()
         self.accepting.set()
         client = None
@@ -427,13 +424,7 @@ class IngestDaemon:
                 self._process.open()
                 self._writer = self._process
             else:
-                self._writer = BatchWriter(
-                    open_connection(
-                        self.config.database_url,
-                        role="platform_rw",
-                        application_name=f"iiot-ingest-{self.config.slot}",
-                    )
-                )
+                self._writer = open_writer(self._worker_config)
         except (psycopg.OperationalError, DatabaseUnavailable):
             if raise_errors:
                 raise

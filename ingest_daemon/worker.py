@@ -4,11 +4,11 @@ that receives them.
 In one Python process, paho's network thread and the work done per message (JSON, validation,
 quotas, the COPY rows) share one interpreter lock, and the slot then received at about 0.7 x the
 rate of a paho client doing nothing. With ``IngestConfig.writer_process`` the receiving process
-only collects each message (topic, payload, packet id, arrival time) into the open batch and
-hands sealed batches to this process through a pipe; this process judges them, commits them in
-one transaction and answers with what landed, and the receiving process then acknowledges the
-batch to the broker. Acknowledgements still follow the commit, so a crash of either process
-loses nothing the broker accepted.
+only collects each message (topic, payload, arrival time; it keeps the packet ids) into the
+open batch and hands sealed batches to this process through a pipe; this process judges them,
+commits them in one transaction and answers with what landed, and the receiving process then
+acknowledges the batch to the broker. Acknowledgements still follow the commit, so a crash of
+either process loses nothing the broker accepted.
 
 The pipe carries ``(kind, ...)`` tuples. Requests: ``("open",)``, ``("write", batch_id,
 messages)``, ``("stop",)``. Answers: ``("ok", payload)``, ``("unavailable", error)`` (the
@@ -37,7 +37,8 @@ from ingest_daemon.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-RawMessage = tuple[int, str, bytes, float]  # packet id, topic, payload, arrival (epoch seconds)
+# topic, payload, arrival (epoch seconds); the packet ids stay with the receiving process
+RawMessage = tuple[str, bytes, float]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class WorkerFailed(IiotError):
 
 
 def open_writer(config: WorkerConfig) -> BatchWriter:
+    """The slot's batch writer on its own connection (as platform_rw), in either process."""
     return BatchWriter(
         open_connection(
             config.database_url,
@@ -64,7 +66,7 @@ def open_writer(config: WorkerConfig) -> BatchWriter:
 
 def judge_raw(judge: Judge, messages: list[RawMessage]) -> Judged:
     judged = Judged()
-    for _mid, topic, payload, arrived in messages:
+    for topic, payload, arrived in messages:
         judge.judge(judged, topic, payload, datetime.fromtimestamp(arrived, UTC))
     return judged
 
@@ -131,7 +133,6 @@ class ProcessWriter:
         )
         self.process.start()
         child.close()
-        self._batches = 0
 
     def _ask(self, request: tuple) -> object:
         try:

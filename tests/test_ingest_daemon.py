@@ -44,7 +44,9 @@ def publish_all(client, messages):
 
 
 class Running:
-    def __init__(self, database_url, broker, group, metrics_port=None, **config):
+    def __init__(self, database_url, broker, group=None, metrics_port=None, **config):
+        """A daemon in a thread, in a fresh group unless ``group`` is given."""
+        group = group or f"g{uuid.uuid4().hex[:6]}"
         self.stop = threading.Event()
         self.daemon = IngestDaemon(
             IngestConfig(
@@ -89,9 +91,7 @@ def test_stream_lands_valid_readings_and_dead_letters_the_rest(
             ),
         ),
     ]
-    running = Running(
-        database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", writer_process=writer_process
-    )
+    running = Running(database_url, ingest_broker, writer_process=writer_process)
     try:
         publish_all(publisher, good[:20] + bad + good[20:] + good[:5])  # 5 re-deliveries
         assert wait_for(lambda: count(conn, "telemetry") == 40 and count(conn, "dead_letters") == 6)
@@ -131,9 +131,7 @@ def test_message_rate_quota(
 ):
     provision(conn, plan)
     conn.execute("UPDATE plans SET messages_per_minute_per_device = 6")
-    running = Running(
-        database_url, ingest_broker, f"g{uuid.uuid4().hex[:6]}", writer_process=writer_process
-    )
+    running = Running(database_url, ingest_broker, writer_process=writer_process)
     try:
         publish_all(
             publisher, [(f"iiot/devices/{MAC}/telemetry", reading(i, i)) for i in range(1, 11)]
@@ -164,13 +162,7 @@ def test_metrics_and_health_endpoints(conn, database_url, ingest_broker, publish
     provision(conn)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    running = Running(
-        database_url,
-        ingest_broker,
-        f"g{uuid.uuid4().hex[:6]}",
-        port,
-        writer_process=writer_process,
-    )
+    running = Running(database_url, ingest_broker, metrics_port=port, writer_process=writer_process)
     try:
         assert get(f"{base}/health/live") == (200, "live\n")
         assert get(f"{base}/health/ready") == (200, "ready\n")
@@ -209,13 +201,7 @@ def test_database_outage_loses_nothing(
     provision(conn)
     port = free_port()
     ready = f"http://127.0.0.1:{port}/health/ready"
-    running = Running(
-        database_url,
-        ingest_broker,
-        f"g{uuid.uuid4().hex[:6]}",
-        port,
-        writer_process=writer_process,
-    )
+    running = Running(database_url, ingest_broker, metrics_port=port, writer_process=writer_process)
     try:
         with outage_during_a_stream(database_url, pg_server, publisher, ready):
             pass

@@ -16,10 +16,10 @@ from tests.ingest_helpers import MAC, count, database_refusing_ingest, provision
 TOPIC = f"iiot/devices/{MAC}/telemetry"
 
 
-def message(mid: int, minutes_ago: int) -> tuple[int, str, bytes, float]:
+def message(value: int, minutes_ago: int) -> tuple[str, bytes, float]:
     ts = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
-    payload = orjson.dumps({"ts": ts, "metrics": {"energy_kwh": float(mid)}})
-    return (mid, TOPIC, payload, time.time())
+    payload = orjson.dumps({"ts": ts, "metrics": {"energy_kwh": float(value)}})
+    return (TOPIC, payload, time.time())
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_a_batch_retried_after_an_outage_is_judged_once(conn, database_url, pg_s
     conn.execute("UPDATE plans SET messages_per_minute_per_device = 3")
     loop.send(("open",))
     assert loop.recv() == ("ok", None)
-    batch = [message(mid, 5) for mid in range(1, 6)] + [(9, TOPIC, b"{", time.time())]
+    batch = [message(value, 5) for value in range(1, 6)] + [(TOPIC, b"{", time.time())]
     with database_refusing_ingest(pg_server, database_url):
         loop.send(("write", 1, batch))
         kind, error = loop.recv()
