@@ -29,7 +29,13 @@ import paho.mqtt.client as mqtt
 import psycopg
 
 from iiot_orchestration.db import DatabaseUnavailable
-from iiot_orchestration.mqtt import MqttOptions, check_options, connect_client, protocol_name
+from iiot_orchestration.mqtt import (
+    BufferedClient,
+    MqttOptions,
+    check_options,
+    connect_client,
+    protocol_name,
+)
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 
 _PUBACK = struct.Struct("!BBH")
+READ_PAUSE_S = 0.002
 
 
 def acknowledge(client: mqtt.Client, mids: list[int]) -> None:
@@ -232,6 +239,9 @@ class IngestDaemon:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if isinstance(client, BufferedClient):
+            # a steady trickle is read in groups: far fewer wake-ups, 2 ms more latency at most
+            client.read_pause_s = READ_PAUSE_S
 
     def _connect(self) -> mqtt.Client:
         """Connected with a persistent session (MQTT 5, or 3.1.1 when the broker refuses 5);

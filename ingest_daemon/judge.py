@@ -88,16 +88,20 @@ class Judge:
                 judged.overage += 1
         delivery = Delivery(received_at, judged.messages, overage)
         judged.messages += 1
-        judged.readings.extend((reading, delivery) for reading in readings)
-        judged.dead_letters.extend(
-            DeadLetter(
-                received_at,
-                topic,
-                verdict.mac,
-                device.tenant_id if device else None,
-                device.device_id if device else None,
-                rejection,
+        if len(readings) == 1:
+            judged.readings.append((readings[0], delivery))
+        elif readings:
+            judged.readings.extend([(reading, delivery) for reading in readings])
+        if rejections:
+            judged.dead_letters.extend(
+                DeadLetter(
+                    received_at,
+                    topic,
+                    verdict.mac,
+                    device.tenant_id if device else None,
+                    device.device_id if device else None,
+                    rejection,
+                )
+                for rejection in rejections
             )
-            for rejection in rejections
-        )
         return overage

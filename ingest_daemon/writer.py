@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import psycopg
 
@@ -44,8 +45,7 @@ class DeadLetter:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """The message a reading came in: when it was received, its number within the batch (so
     usage counts messages, not readings) and whether it was over the plan's rate (overage)."""
 

@@ -32,13 +32,26 @@ def stream(total: int) -> list[bytes]:
     ]
 
 
-def publish_in_background(broker, payloads) -> threading.Thread:
+def publish_in_background(
+    broker, payloads, *, pause_at: int | None = None, resume: threading.Event | None = None
+) -> threading.Thread:
+    """Publish the payloads; with ``pause_at``, publish that many, wait for ``resume``, then
+    the rest (a stream that goes on after the daemon is stopped, however fast it drained)."""
+
     def run():
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         client.max_queued_messages_set(0)
         client.connect(broker.host, broker.port)
         client.loop_start()
-        infos = [client.publish(f"iiot/devices/{MAC}/telemetry", p, qos=1) for p in payloads]
+        split = len(payloads) if pause_at is None else pause_at
+        infos = [
+            client.publish(f"iiot/devices/{MAC}/telemetry", p, qos=1) for p in payloads[:split]
+        ]
+        if resume is not None:
+            resume.wait(120)
+        infos += [
+            client.publish(f"iiot/devices/{MAC}/telemetry", p, qos=1) for p in payloads[split:]
+        ]
         for info in infos:
             info.wait_for_publish(60)
         client.loop_stop()
@@ -109,10 +122,14 @@ def test_stop_mid_stream_then_restart_loses_and_doubles_nothing(
     group = f"g{uuid.uuid4().hex[:6]}"
     create_session(database_url, broker, group)
     process = start_ingest(database_url, broker, group, tmp_path)
-    publisher = publish_in_background(broker, stream(STREAM))
+    # the second half is published once the signal is sent: the daemon drains a backlog faster
+    # than it can be published, so a stream published whole may be in before the signal lands
+    resume = threading.Event()
+    publisher = publish_in_background(broker, stream(STREAM), pause_at=STREAM // 2, resume=resume)
     try:
         assert wait_for(lambda: count(conn, "telemetry") >= STREAM // 4, timeout=120)
         process.send_signal(how)
+        resume.set()
         output = process.communicate(timeout=60)[0]
         if how == signal.SIGTERM:
             assert process.returncode == 0, output
@@ -130,6 +147,7 @@ def test_stop_mid_stream_then_restart_loses_and_doubles_nothing(
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=60)
+        resume.set()
         publisher.join(120)
     assert process.returncode == 0
 
