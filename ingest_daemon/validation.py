@@ -194,82 +194,46 @@ def _judge_reading(
     newest: datetime,
     limits: Limits,
 ) -> None:
+    def refuse(reason: str, detail: str, part: Any = reading) -> None:
+        where = f"reading {index}: " if in_batch else ""
+        verdict.rejections.append(Rejection(reason, where + detail, _fragment(part)))
+
     if not isinstance(reading, dict):
-        return _refuse_reading(
-            verdict,
-            index,
-            in_batch,
-            "schema",
-            f"a reading must be an object, got {type(reading).__name__}",
-            reading,
-        )
+        return refuse("schema", f"a reading must be an object, got {type(reading).__name__}")
     metrics = reading.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
-        return _refuse_reading(
-            verdict,
-            index,
-            in_batch,
-            "schema",
-            "metrics must be a non-empty object of name: number",
-            reading,
-        )
+        return refuse("schema", "metrics must be a non-empty object of name: number")
     if len(metrics) > limits.max_metrics:
-        return _refuse_reading(
-            verdict,
-            index,
-            in_batch,
-            "schema",
-            f"{len(metrics)} metrics; the limit is {limits.max_metrics}",
-            reading,
-        )
+        return refuse("schema", f"{len(metrics)} metrics; the limit is {limits.max_metrics}")
     try:
         ts = parse_timestamp(reading.get("ts"))
     except ValueError as exc:
-        return _refuse_reading(verdict, index, in_batch, "bad_timestamp", str(exc), reading)
+        return refuse("bad_timestamp", str(exc))
     if ts > newest:
-        return _refuse_reading(
-            verdict,
-            index,
-            in_batch,
-            "bad_timestamp",
-            f"ts {ts.isoformat()} is in the future",
-            reading,
-        )
+        return refuse("bad_timestamp", f"ts {ts.isoformat()} is in the future")
     if ts < oldest:
-        return _refuse_reading(
-            verdict,
-            index,
-            in_batch,
+        return refuse(
             "bad_timestamp",
             f"ts {ts.isoformat()} is older than the tenant's {device.retention_days}-day retention",
-            reading,
         )
     registered, readings = device.metrics, verdict.readings
     for name, value in metrics.items():
-        # the common case first: a registered metric with a finite float in range
+        # the common case first, without building the fragment a refusal keeps
         if name in registered and type(value) is float and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
             readings.append(Reading(device.tenant_id, device.device_id, name, ts, value))
             continue
         part = {"ts": reading["ts"], "metrics": {name: value}}
         if name not in registered:
-            detail = f"metric {_shown(name)} is not registered for the device"
-            _refuse_reading(verdict, index, in_batch, "unknown_metric", detail, part)
+            refuse(
+                "unknown_metric", f"metric {_shown(name)} is not registered for the device", part
+            )
         elif isinstance(value, bool) or not isinstance(value, _NUMBER):
-            detail = f"{name} must be a number, got {_shown(value)}"
-            _refuse_reading(verdict, index, in_batch, "bad_value", detail, part)
+            refuse("bad_value", f"{name} must be a number, got {_shown(value)}", part)
         elif not math.isfinite(value) or abs(value) > MAX_ABS_VALUE:
-            detail = f"{name}={_shown(value)} is out of range"
-            _refuse_reading(verdict, index, in_batch, "bad_value", detail, part)
+            refuse("bad_value", f"{name}={_shown(value)} is out of range", part)
         else:
             readings.append(Reading(device.tenant_id, device.device_id, name, ts, float(value)))
     return None
-
-
-def _refuse_reading(
-    verdict: Verdict, index: int, in_batch: bool, reason: str, detail: str, part: Any
-) -> None:
-    where = f"reading {index}: " if in_batch else ""
-    verdict.rejections.append(Rejection(reason, where + detail, _fragment(part)))
 
 
 def _fragment(part: Any) -> bytes:
