@@ -20,6 +20,7 @@ import queue
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import ThreadingHTTPServer
@@ -40,13 +41,20 @@ from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import DEFAULT_LIMITS, Limits
-from ingest_daemon.worker import ProcessWriter, RawMessage, WorkerConfig, open_writer
+from ingest_daemon.worker import (
+    ProcessWriter,
+    RawMessage,
+    WorkerConfig,
+    WorkerFailed,
+    open_writer,
+)
 from ingest_daemon.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
 
 _PUBACK = struct.Struct("!BBH")
+PIPELINE_DEPTH = 2  # batches sent to the writer process before the oldest one's answer
 READ_PAUSE_S = 0.002
 
 
@@ -122,7 +130,17 @@ class Batch:
 
 
 class ShutdownAbandoned(Exception):
-    """The database stayed unavailable for the whole stop timeout."""
+    """The database stayed unavailable for the whole stop timeout; ``args[0]`` counts the
+    messages of the batches that failed."""
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch sent to the writer process, its answer not received yet."""
+
+    batch: Batch
+    batch_id: int
+    started: float
 
 
 @dataclass
@@ -306,8 +324,13 @@ class IngestDaemon:
         return self.counters
 
     def _consume(self) -> None:
-        """Commit sealed batches, and the open one once it is old enough or we are stopping."""
+        """Commit sealed batches, and the open one once it is old enough or we are stopping.
+
+        With a writer process, the next batch is sent before the answer for the current one is
+        awaited (at most ``PIPELINE_DEPTH`` in flight), so it is judged while the database lands
+        the current one; answers, and so acknowledgements, come in the order sent."""
         age_limit = self.config.batch_age_s
+        in_flight: deque[InFlight] = deque()
         while True:
             stopping = self._note_stop()
             # the open batch is due at started + age; with none open, look again soon (paho's
@@ -315,15 +338,58 @@ class IngestDaemon:
             wait = age_limit / 4
             if self._open:
                 wait = min(wait, age_limit - (time.monotonic() - self._open.started))
+            if stopping or in_flight:
+                wait = 0.0  # with a batch in flight, its answer is what we wait for
             try:
-                batch: Batch | None = self._sealed.get(timeout=0.0 if stopping else max(wait, 0))
+                batch: Batch | None = self._sealed.get(timeout=max(wait, 0))
             except queue.Empty:
                 batch = self._take_open(age_limit, stopping)
             self.metrics.queue_depth.set(self._sealed.qsize() * self.config.batch_rows)
-            if batch:
-                self._flush(batch)
-            elif stopping and self._idle():
+            if batch and self._process is not None and self._writer is not None:
+                self._batch_ids += 1
+                self._process.submit(batch.raw, self._batch_ids)
+                in_flight.append(InFlight(batch, self._batch_ids, time.perf_counter()))
+            elif batch:
+                self._flush(batch)  # one process, or the writer not open yet: retried here
+            if in_flight and (len(in_flight) >= PIPELINE_DEPTH or not batch):
+                self._complete(in_flight)
+            elif not batch and stopping and self._idle():
                 break
+
+    def _complete(self, in_flight: deque[InFlight]) -> None:
+        """Wait for the answer for the oldest batch in flight, and acknowledge it."""
+        entry = in_flight.popleft()
+        try:
+            written = self._process.receive()
+        except DatabaseUnavailable:
+            failed = [entry, *in_flight]
+            in_flight.clear()
+            self._commit_again(failed)
+            return
+        self._acknowledge(entry.batch, written, entry.started)
+
+    def _commit_again(self, failed: list[InFlight]) -> None:
+        """The database did not take the first batch, and the writer process refused the later
+        ones without trying them: collect their answers, then commit each again in order,
+        retried until the database takes it (their verdicts are kept: nothing is judged
+        twice)."""
+        for _ in failed[1:]:
+            if self._refused():
+                continue
+            raise WorkerFailed("the writer process committed a batch after a failed one")
+        for done, entry in enumerate(failed):
+            try:
+                self._flush(entry.batch, entry.batch_id, entry.started)
+            except ShutdownAbandoned as exc:
+                rest = sum(len(later.batch) for later in failed[done + 1 :])
+                raise ShutdownAbandoned(exc.args[0] + rest) from exc
+
+    def _refused(self) -> bool:
+        try:
+            self._process.receive()
+        except DatabaseUnavailable:
+            return True
+        return False
 
     def _idle(self) -> bool:
         """Nothing open, sealed or being judged (paho's thread is not inside the lock)."""
@@ -356,16 +422,21 @@ class IngestDaemon:
             self.metrics.overage.inc()
         batch.mids.append(message.mid)
 
-    def _flush(self, batch: Batch) -> None:
-        """Commit the batch, retrying until the database takes it, then acknowledge it."""
+    def _flush(
+        self, batch: Batch, batch_id: int | None = None, started: float | None = None
+    ) -> None:
+        """Commit the batch, retrying until the database takes it, then acknowledge it. A batch
+        sent to the writer process before keeps its id, so it is not judged again."""
         delay = 0.5
-        started = time.perf_counter()
-        self._batch_ids += 1
+        started = time.perf_counter() if started is None else started
+        if batch_id is None:
+            self._batch_ids += 1
+            batch_id = self._batch_ids
         while True:
             try:
                 writer = self._writer or self._open_writer(raise_errors=True)
                 if isinstance(writer, ProcessWriter):
-                    written = writer.write(batch.raw, self._batch_ids)
+                    written = writer.write(batch.raw, batch_id)
                 else:
                     judged = batch.judged
                     result = writer.write(
@@ -382,9 +453,12 @@ class IngestDaemon:
                 )
                 self._close_writer()
                 if self._stop_timed_out():
-                    raise ShutdownAbandoned(batch) from exc
+                    raise ShutdownAbandoned(len(batch)) from exc
                 self._wait_to_retry(delay)
                 delay = min(delay * 2, 10.0)
+        self._acknowledge(batch, written, started)
+
+    def _acknowledge(self, batch: Batch, written: Written, started: float) -> None:
         acknowledge(self._client, batch.mids)
         self._observe(batch, written, time.perf_counter() - started)
 
@@ -408,11 +482,10 @@ class IngestDaemon:
         while (left := deadline - time.monotonic()) > 0 and not self._stop_timed_out():
             time.sleep(min(left, 0.1))
 
-    def _abandon(self, client: mqtt.Client, batch: Batch) -> int:
-        """Stop paho's thread and count what stays unacknowledged: the failed batch, the sealed
-        ones and the open one. paho's thread may be blocked handing over a batch, so the queue
-        is kept empty until it has stopped."""
-        pending = len(batch)
+    def _abandon(self, client: mqtt.Client, pending: int) -> int:
+        """Stop paho's thread and count what stays unacknowledged: ``pending`` (the failed
+        batches), the sealed ones and the open one. paho's thread may be blocked handing over a
+        batch, so the queue is kept empty until it has stopped."""
         stopper = threading.Thread(target=client.loop_stop, name="paho-stop")
         stopper.start()
         while stopper.is_alive():

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -80,7 +82,14 @@ def main(pipe: Connection, config: WorkerConfig) -> None:  # pragma: no cover - 
 
 
 def serve(pipe: Connection, config: WorkerConfig) -> None:
-    """The writer process's loop; returns on ``stop`` or when the receiving process is gone."""
+    """The writer process's loop; returns on ``stop`` or when the receiving process is gone.
+
+    This thread reads requests and judges each new batch; a committer thread opens the
+    connection and commits the judged batches in the order they came, so the next batch is
+    judged while the database lands the current one. After a batch fails for want of the
+    database, the committer refuses every other write (without trying it) until that batch is
+    committed: the receiving process sends the failed batches again, in order, and batches are
+    never committed out of order."""
     try:
         registry = RegistryCache(config.database_url)
     except (psycopg.Error, DatabaseUnavailable) as exc:
@@ -88,36 +97,78 @@ def serve(pipe: Connection, config: WorkerConfig) -> None:
         return
     registry.start()
     judge = Judge(registry.get, config.prefix, config.limits)
-    writer: BatchWriter | None = None
-    pending: tuple[int, Judged] | None = None  # a batch judged, waiting for the database
+    judged: dict[int, Judged] = {}  # judged and not committed yet: a retry is not judged again
+    work: queue.Queue[tuple | None] = queue.Queue(maxsize=1)
+    committer = threading.Thread(
+        target=_commit, args=(pipe, config, work, judged), name="ingest-committer"
+    )
+    committer.start()
     try:
-        while True:
+        while committer.is_alive():
+            if not pipe.poll(0.5):
+                continue
             try:
                 request = pipe.recv()
             except EOFError:
                 return  # the receiving process is gone: nothing of ours was acknowledged
             if request[0] == "stop":
                 return
+            if request[0] == "write":
+                _, batch_id, messages = request
+                if batch_id not in judged:
+                    judged[batch_id] = judge_raw(judge, messages)
+                request = ("write", batch_id)
+            _hand(work, committer, request)
+    finally:
+        _hand(work, committer, None)
+        committer.join()
+        registry.stop()
+
+
+def _hand(work: queue.Queue, committer: threading.Thread, request: tuple | None) -> None:
+    """Queue a request for the committer, unless it has died (it said why)."""
+    while committer.is_alive():
+        try:
+            work.put(request, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
+def _commit(
+    pipe: Connection, config: WorkerConfig, work: queue.Queue, judged: dict[int, Judged]
+) -> None:
+    """The committer thread of ``serve``: answers every request it takes, in order."""
+    writer: BatchWriter | None = None
+    failed: int | None = None  # the batch the database did not take: none after it is tried
+    try:
+        while (request := work.get()) is not None:
+            if request[0] == "write" and failed not in (None, request[1]):
+                pipe.send(("unavailable", f"batch {failed} is waiting for the database"))
+                continue
             try:
                 writer = writer or open_writer(config)
                 if request[0] == "open":
                     pipe.send(("ok", None))
                     continue
-                _, batch_id, messages = request
-                if pending is None or pending[0] != batch_id:
-                    pending = (batch_id, judge_raw(judge, messages))
-                judged = pending[1]
-                result = writer.write(judged.readings, judged.dead_letters, now=datetime.now(UTC))
+                batch = judged[request[1]]
+                result = writer.write(batch.readings, batch.dead_letters, now=datetime.now(UTC))
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 if writer is not None:
                     writer.conn.close()
                     writer = None
+                if request[0] == "write":
+                    failed = request[1]
                 pipe.send(("unavailable", str(exc)[:500]))
                 continue
-            pending = None
-            pipe.send(("ok", judged.written(result)))
+            failed = None
+            del judged[request[1]]
+            pipe.send(("ok", batch.written(result)))
+    except Exception as exc:  # a bug, or the pipe gone: say so, and the process ends
+        log.exception("the ingest writer failed")
+        with contextlib.suppress(OSError):
+            pipe.send(("fatal", f"the ingest writer failed: {exc!r}"[:500]))
     finally:
-        registry.stop()
         if writer is not None:
             writer.conn.close()
 
@@ -134,9 +185,16 @@ class ProcessWriter:
         self.process.start()
         child.close()
 
-    def _ask(self, request: tuple) -> object:
+    def _send(self, request: tuple) -> None:
         try:
             self._pipe.send(request)
+        except OSError as exc:
+            raise WorkerFailed(f"the ingest writer process stopped ({exc!r})") from exc
+
+    def receive(self) -> Written | None:
+        """The answer to the oldest request not answered yet; raises DatabaseUnavailable when
+        that was a write the database did not take (send it again, same id, after ``open``)."""
+        try:
             kind, payload = self._pipe.recv()
         except (EOFError, OSError) as exc:
             raise WorkerFailed(f"the ingest writer process stopped ({exc!r})") from exc
@@ -148,11 +206,18 @@ class ProcessWriter:
 
     def open(self) -> None:
         """Raises DatabaseUnavailable while the writer process cannot reach the database."""
-        self._ask(("open",))
+        self._send(("open",))
+        self.receive()
+
+    def submit(self, messages: list[RawMessage], batch_id: int) -> None:
+        """Send a batch to be judged and committed; its answer comes from ``receive``, after
+        the answers of the batches submitted before it."""
+        self._send(("write", batch_id, messages))
 
     def write(self, messages: list[RawMessage], batch_id: int) -> Written:
         """Judge and commit one batch; raises DatabaseUnavailable (retry with the same id)."""
-        return self._ask(("write", batch_id, messages))
+        self.submit(messages, batch_id)
+        return self.receive()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

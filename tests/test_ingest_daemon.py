@@ -195,13 +195,24 @@ def outage_during_a_stream(database_url, pg_server, publisher, ready_url):
         yield
 
 
+# one reading a batch: the writer process has two batches in flight when the database goes
+BATCH_ROWS = pytest.mark.parametrize("batch_rows", [5_000, 1], ids=["batches", "pipelined"])
+
+
+@BATCH_ROWS
 def test_database_outage_loses_nothing(
-    conn, database_url, ingest_broker, publisher, pg_server, writer_process
+    conn, database_url, ingest_broker, publisher, pg_server, writer_process, batch_rows
 ):
     provision(conn)
     port = free_port()
     ready = f"http://127.0.0.1:{port}/health/ready"
-    running = Running(database_url, ingest_broker, metrics_port=port, writer_process=writer_process)
+    running = Running(
+        database_url,
+        ingest_broker,
+        metrics_port=port,
+        writer_process=writer_process,
+        batch_rows=batch_rows,
+    )
     try:
         with outage_during_a_stream(database_url, pg_server, publisher, ready):
             pass
@@ -211,8 +222,9 @@ def test_database_outage_loses_nothing(
         running.finish()
 
 
+@BATCH_ROWS
 def test_stop_during_a_database_outage_gives_up_after_the_timeout(
-    conn, database_url, ingest_broker, publisher, pg_server, writer_process
+    conn, database_url, ingest_broker, publisher, pg_server, writer_process, batch_rows
 ):
     """A stop does not wait forever for the database: after the stop timeout the daemon exits,
     leaving its messages unacknowledged, and the broker delivers them to the next session."""
@@ -226,6 +238,7 @@ def test_stop_during_a_database_outage_gives_up_after_the_timeout(
         port,
         stop_timeout_s=1.0,
         writer_process=writer_process,
+        batch_rows=batch_rows,
     )
     ready = f"http://127.0.0.1:{port}/health/ready"
     with outage_during_a_stream(database_url, pg_server, publisher, ready):

@@ -11,6 +11,7 @@ import pytest
 
 from ingest_daemon.validation import DEFAULT_LIMITS
 from ingest_daemon.worker import ProcessWriter, WorkerConfig, WorkerFailed, serve
+from ingest_daemon.writer import BatchWriter
 from tests.ingest_helpers import MAC, count, database_refusing_ingest, provision
 
 TOPIC = f"iiot/devices/{MAC}/telemetry"
@@ -91,3 +92,44 @@ def test_the_process_handle_reports_a_writer_that_cannot_start():
     finally:
         writer.close()
     assert not writer.process.is_alive()
+
+
+def test_batches_in_flight_commit_in_order_after_an_outage(conn, database_url, pg_server, loop):
+    """Two batches sent before either answer (the receiving process pipelines them): when the
+    first fails, the second is refused untried, and it stays refused until the first lands."""
+    provision(conn, "enterprise")
+    loop.send(("open",))
+    assert loop.recv() == ("ok", None)
+    first = [message(value, 9) for value in range(3)]
+    second = [message(value, 8) for value in range(3, 5)]
+    with database_refusing_ingest(pg_server, database_url):
+        loop.send(("write", 1, first))
+        loop.send(("write", 2, second))
+        assert loop.recv()[0] == "unavailable"
+        kind, reason = loop.recv()
+    assert (kind, reason) == ("unavailable", "batch 1 is waiting for the database")
+    loop.send(("write", 2, second))  # out of order: still refused, nothing lands
+    assert loop.recv() == ("unavailable", "batch 1 is waiting for the database")
+    assert count(conn, "telemetry") == 0
+    loop.send(("write", 1, first))
+    loop.send(("write", 2, second))
+    answers = [loop.recv(), loop.recv()]
+    assert [kind for kind, _ in answers] == ["ok", "ok"]
+    assert [written.result.landed for _, written in answers] == [3, 2]
+    assert count(conn, "telemetry") == 5
+
+
+def test_a_writer_that_fails_unexpectedly_says_so(database_url, loop, monkeypatch):
+    """An error that is not the database being away (a bug) is a fatal answer, and the loop
+    ends, instead of leaving the receiving process waiting for an answer for ever."""
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(BatchWriter, "write", broken)
+    loop.send(("open",))
+    assert loop.recv() == ("ok", None)
+    loop.send(("write", 1, [message(1, 5)]))
+    kind, error = loop.recv()
+    assert kind == "fatal"
+    assert "a bug in the writer" in error
