@@ -397,9 +397,10 @@ def main() -> None:
             f"{case:<32}{sent:>10,}{seconds:>9.2f}{rate:>9,.0f}{rate / baseline:>8.2f}"
             f"{sent - landed:>6}"
         )
-    daemon_rate = results[1][3] / results[1][1]
     naive_rate = results[4][3] / results[4][1]
-    print(f"iiot ingest (1 slot) / naive: {daemon_rate / naive_rate:.1f} x")
+    for index, case in ((1, "1 slot"), (2, "2 slots")):
+        rate = results[index][3] / results[index][1]
+        print(f"iiot ingest ({case}) / naive: {rate / naive_rate:.1f} x")
     print(
         f"publish-to-commit latency, live for {LATENCY_SECONDS:g} s at a share of the 1-slot "
         "drain rate, publisher on the same machine:"
