@@ -915,8 +915,12 @@ def test_the_sensor_requests_each_closed_month_once_the_marts_are_built_after_it
         instance.add_dynamic_partitions(TENANTS, ["acme"])  # beta's partition not yet added
         result = closed_month_reports_sensor(context)
         keys = [request.partition_key for request in result.run_requests]
-        assert keys == [tenant_key(m, "acme") for m in ("2026-08-01", "2026-09-01", "2026-10-01")]
-        assert len({request.run_key for request in result.run_requests}) == 3
+        # every month from the seed's August to the last one over in Sao Paulo today
+        created = datetime(2026, 8, 15, 12, tzinfo=UTC)
+        months = closed_months(created, TENANT_SETTINGS["acme"][0], datetime.now(UTC))
+        assert [m.label for m in months][:3] == ["2026-08", "2026-09", "2026-10"]
+        assert keys == [tenant_key(m.first_day.isoformat(), "acme") for m in months]
+        assert len({request.run_key for request in result.run_requests}) == len(months)
 
     built = datetime(2026, 11, 1, 3, 30, tzinfo=UTC)
     tenants = [
