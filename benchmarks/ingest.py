@@ -243,10 +243,15 @@ class RawPublisher:
         pending = b""
         while chunk := self.sock.recv(65536):
             pending += chunk
-            count = 0
-            while len(pending) >= 2 and len(pending) >= 2 + pending[1]:  # PUBACKs are short
-                count += pending[0] == 0x40
-                pending = pending[2 + pending[1] :]
+            count = position = 0
+            # PUBACKs are short: one length byte; walk the chunk, then keep what is left
+            while position + 2 <= len(pending):
+                end = position + 2 + pending[position + 1]
+                if end > len(pending):
+                    break
+                count += pending[position] == 0x40
+                position = end
+            pending = pending[position:]
             self.acknowledged += count
 
     def packet(self, topic: bytes, payload: bytes) -> bytes:

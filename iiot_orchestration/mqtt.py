@@ -457,11 +457,11 @@ def connect_client(
     options: MqttOptions,
     client_id: str,
     *,
-    setup: Callable[[mqtt.Client], None] | None = None,
+    setup: Callable[[BufferedClient], None] | None = None,
     session_expiry_s: int | None = None,
     manual_ack: bool = False,
     keepalive: int = 60,
-) -> tuple[mqtt.Client, int]:
+) -> tuple[BufferedClient, int]:
     """A client connected to the broker, its network thread running, and the protocol it speaks
     (``mqtt.MQTTv5`` or ``mqtt.MQTTv311``).
 

@@ -88,10 +88,7 @@ class Judge:
                 judged.overage += 1
         delivery = Delivery(received_at, judged.messages, overage)
         judged.messages += 1
-        if len(readings) == 1:
-            judged.readings.append((readings[0], delivery))
-        elif readings:
-            judged.readings.extend([(reading, delivery) for reading in readings])
+        judged.readings.extend([(reading, delivery) for reading in readings])
         if rejections:
             judged.dead_letters.extend(
                 DeadLetter(

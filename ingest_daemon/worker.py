@@ -193,7 +193,8 @@ class ProcessWriter:
 
     def receive(self) -> Written | None:
         """The answer to the oldest request not answered yet; raises DatabaseUnavailable when
-        that was a write the database did not take (send it again, same id, after ``open``)."""
+        that was a write the database did not take, or one refused untried behind it (send
+        them again, same ids, in order)."""
         try:
             kind, payload = self._pipe.recv()
         except (EOFError, OSError) as exc:
