@@ -139,6 +139,8 @@ def validate(
         return verdict
 
     if len(payload) > limits.max_payload_bytes:
+        # not parsed, but the topic names the device: its tenant can see the refusal
+        verdict.device = lookup(mac) if mac is not None else None
         return refuse(
             "too_large", f"{len(payload):,} bytes; the limit is {limits.max_payload_bytes:,}"
         )

@@ -158,3 +158,18 @@ def test_offsets_are_respected():
 def test_duplicate_messages_give_identical_readings():
     payload = {"ts": "2026-11-22T11:00:00Z", "metrics": {"energy_kwh": 1}}
     assert judge(payload).readings == judge(payload).readings
+
+
+@pytest.mark.parametrize(
+    ("topic", "device_id"),
+    [
+        (TOPIC, 1),
+        ("iiot/devices/aa:bb:cc:00:00:02/telemetry", 2),  # inactive: still named
+        ("iiot/devices/02:ff:ff:00:00:09/telemetry", None),  # unknown
+        ("iiot/devices/'; DROP TABLE devices;--/telemetry", None),  # hostile topic
+    ],
+)
+def test_too_large_names_the_device_of_the_topic(topic, device_id):
+    verdict = judge(b"{" + b" " * 2000 + b"}", topic=topic, limits=Limits(max_payload_bytes=1000))
+    assert reasons(verdict) == ["too_large"]
+    assert (verdict.device.device_id if verdict.device else None) == device_id
