@@ -33,7 +33,13 @@ import paho.mqtt.client as mqtt
 
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
-from iiot_orchestration.mqtt import MqttError, MqttOptions, connect_client, protocol_name
+from iiot_orchestration.mqtt import (
+    MqttError,
+    MqttOptions,
+    connect_client,
+    protocol_name,
+    publish_outcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ KNOWN_METRICS = CUMULATIVE_METRICS | {
 _ENERGY_METRICS = frozenset({"energy_kwh", "power_w", "voltage_v", "current_a"})
 _WATER_METRICS = frozenset({"water_m3", "flow_lpm"})
 _MAX_UNACKNOWLEDGED = 10_000
+RESEND_AFTER_S = 0.5  # a message the broker did not deliver is sent again after this
 _FLEET_SQL = """
 SELECT d.mac::text, d.meter_kind, array_agg(m.metric ORDER BY m.metric)
 FROM devices d
@@ -250,23 +257,33 @@ def telemetry_topic(prefix: str, mac: str) -> str:
 class SimulationStats:
     """``acknowledged`` counts messages the broker accepted (PUBACK for QoS 1, PUBCOMP for QoS 2,
     sent for QoS 0); ``rejected`` those it answered with an error reason code; ``seconds`` is
-    the time spent publishing, not waiting for the last acknowledgements."""
+    the time spent publishing, not waiting for the last acknowledgements; ``resent`` counts
+    messages sent again because the broker answered "no matching subscribers" or a transient
+    failure (store and forward: such a message is kept until it is delivered)."""
 
     published: int
     acknowledged: int
     devices: int
     seconds: float
     rejected: int = 0
+    resent: int = 0
 
 
 class _Delivery:
-    """Counts published and settled messages; paho reports settlements on its own thread."""
+    """Counts published and settled messages, and keeps each message until the broker has
+    delivered it: one answered "no matching subscribers" or a transient failure goes back to
+    ``retry`` to be sent again. paho reports settlements on its own thread, sometimes before
+    ``publish()`` has returned the message id."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.published = 0
         self.acknowledged = 0
         self.rejected = 0
+        self.resent = 0
+        self._sent: dict[int, tuple[str, bytes]] = {}  # mid -> message, until settled
+        self._early: dict[int, mqtt.ReasonCode] = {}  # settled before publish() returned
+        self.retry: list[tuple[float, str, bytes]] = []  # (when, topic, payload)
 
     def on_publish(
         self,
@@ -277,12 +294,44 @@ class _Delivery:
         properties: mqtt.Properties,
     ) -> None:
         with self.changed:
-            if reason_code.is_failure:
-                self.rejected += 1
-                log.warning("broker refused message %d: %s", mid, reason_code)
+            message = self._sent.pop(mid, None)
+            if message is None:
+                self._early[mid] = reason_code
+                return
+            self._settle(mid, message, reason_code)
+
+    def sent(self, mid: int, topic: str, payload: bytes) -> None:
+        """Remember the message behind ``mid`` (QoS 1 and 2) until the broker settles it."""
+        with self.changed:
+            reason = self._early.pop(mid, None)
+            if reason is None:
+                self._sent[mid] = (topic, payload)
             else:
-                self.acknowledged += 1
-            self.changed.notify_all()
+                self._settle(mid, (topic, payload), reason)
+
+    def _settle(self, mid: int, message: tuple[str, bytes], reason: mqtt.ReasonCode) -> None:
+        outcome = publish_outcome(reason)
+        if outcome == "retry":
+            self.retry.append((time.monotonic() + RESEND_AFTER_S, *message))
+            if len(self.retry) == 1:
+                log.warning("broker did not deliver message %d (%s): sending it again", mid, reason)
+        elif outcome == "refused":
+            self.rejected += 1
+            log.warning("broker refused message %d: %s", mid, reason)
+        else:
+            self.acknowledged += 1
+        self.changed.notify_all()
+
+    def due(self) -> list[tuple[str, bytes]]:
+        """The messages to send again now."""
+        now = time.monotonic()
+        with self.changed:
+            if not self.retry or self.retry[0][0] > now:
+                return []
+            ready = [(topic, payload) for when, topic, payload in self.retry if when <= now]
+            self.retry = [entry for entry in self.retry if entry[0] > now]
+            self.resent += len(ready)
+            return ready
 
     @property
     def unsettled(self) -> int:
@@ -291,7 +340,7 @@ class _Delivery:
     def stats(self, devices: int, seconds: float) -> SimulationStats:
         with self.changed:
             return SimulationStats(
-                self.published, self.acknowledged, devices, seconds, self.rejected
+                self.published, self.acknowledged, devices, seconds, self.rejected, self.resent
             )
 
 
@@ -328,6 +377,7 @@ def _open_client(options: MqttOptions, delivery: _Delivery) -> tuple[mqtt.Client
             log.warning("disconnected from %s: %s; paho reconnects", options.shown_url, reason_code)
 
     def setup(client: mqtt.Client) -> None:
+        client.reconnect_delay_set(min_delay=1, max_delay=5)  # back soon after a broker restart
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_publish = delivery.on_publish
@@ -350,11 +400,20 @@ def _publish(
     info = client.publish(topic, payload, qos=qos)
     # a QoS 1 or 2 message published while paho reconnects is queued and sent after it
     if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
+        if qos > 0:
+            delivery.sent(info.mid, topic, payload)
         return True
     with delivery.changed:
         delivery.published -= 1
         delivery.changed.notify_all()
     return False
+
+
+def _resend(client: mqtt.Client, delivery: _Delivery, qos: int) -> None:
+    """Send again what the broker did not deliver (already counted as published)."""
+    for topic, payload in delivery.due():
+        info = client.publish(topic, payload, qos=qos)
+        delivery.sent(info.mid, topic, payload)
 
 
 def _message_times(
@@ -433,6 +492,7 @@ def run_simulation(
     dropped = 0
     try:
         while not stop.is_set() and (total is None or slot < total):
+            _resend(client, delivery, qos)
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
@@ -465,10 +525,18 @@ def run_simulation(
                 dropped += 1
             slot += 1
         generated = time.monotonic()
-        with delivery.changed:
-            settled = delivery.changed.wait_for(
-                lambda: delivery.unsettled <= 0, timeout=drain_timeout
-            )
+        drain_until = time.monotonic() + drain_timeout
+        while (left := drain_until - time.monotonic()) > 0:
+            _resend(client, delivery, qos)
+            if progress is not None and time.monotonic() >= next_progress:
+                progress(delivery.stats(devices, generated - started))  # waiting for acks
+                next_progress = time.monotonic() + 1.0
+            with delivery.changed:
+                if delivery.changed.wait_for(
+                    lambda: delivery.unsettled <= 0, timeout=min(left, RESEND_AFTER_S / 2)
+                ):
+                    break
+        settled = delivery.unsettled <= 0
         if not settled:
             log.warning(
                 "%d of %d messages were not acknowledged within %g s",
