@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import struct
 import threading
 import time
@@ -32,6 +33,7 @@ import psycopg
 from iiot_orchestration.db import DatabaseUnavailable
 from iiot_orchestration.mqtt import (
     BufferedClient,
+    MqttError,
     MqttOptions,
     check_options,
     connect_client,
@@ -56,6 +58,16 @@ log = logging.getLogger(__name__)
 _PUBACK = struct.Struct("!BBH")
 PIPELINE_DEPTH = 2  # batches sent to the writer process before the oldest one's answer
 READ_PAUSE_S = 0.002
+# at start, the wait for the database and for the broker: 0.5 s doubling to 10 s between tries
+START_RETRY_S = 0.5
+START_RETRY_MAX_S = 10.0
+
+
+def _unreachable(error: MqttError) -> bool:
+    """Nothing answered at the broker's address (refused, unknown host, no route): worth
+    waiting for, unlike a broker that answers and refuses us, or TLS that fails."""
+    cause = error.__cause__
+    return isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError)
 
 
 def acknowledge(client: mqtt.Client, mids: list[int]) -> None:
@@ -157,13 +169,12 @@ class Counters:
 class IngestDaemon:
     def __init__(self, config: IngestConfig, registry: RegistryCache | None = None) -> None:
         """Raises MqttError, naming the setting, when the broker settings are wrong: before the
-        registry is read or anything connects."""
+        registry is read or anything connects. Without ``registry`` (and a writer process) it is
+        read by ``run``, which waits for the database."""
         check_options(config.mqtt_options)
         self.config = config
         # with a writer process, the registry and the judging live there
-        self.registry = (
-            None if config.writer_process else registry or RegistryCache(config.database_url)
-        )
+        self.registry = None if config.writer_process else registry
         self.judge = (
             None
             if self.registry is None
@@ -260,16 +271,68 @@ class IngestDaemon:
         # a steady trickle is read in groups: far fewer wake-ups, 2 ms more latency at most
         client.read_pause_s = READ_PAUSE_S
 
-    def _connect(self) -> mqtt.Client:
+    def _wait_for_database(self) -> bool:
+        """Read the registry (in this process) and open the writer, waiting with backoff while
+        the database is unavailable; False when stopped meanwhile."""
+        delay = START_RETRY_S
+        while True:
+            try:
+                self._start_database()
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                self.metrics.database_connected.set(0)
+                error = str(exc).strip()[:200]
+                log.warning(
+                    "database unavailable at start (%s); retrying in %g s",
+                    error,
+                    delay,
+                    extra={"error": error, "retry_in_s": delay},
+                )
+            else:
+                log.info("connected to the database", extra={"slot": self.config.slot})
+                if self.registry is not None:
+                    self.registry.start()
+                return True
+            if self._stop.wait(delay):
+                return False
+            delay = min(delay * 2, START_RETRY_MAX_S)
+
+    def _start_database(self) -> None:
+        """The registry read (unless the writer process reads it) and the writer opened; raises
+        while the database is unavailable."""
+        if not self.config.writer_process and self.registry is None:
+            self.registry = RegistryCache(self.config.database_url)
+            # set before the broker connects: paho's thread judges with it from the first message
+            self.judge = Judge(self.registry.get, self.config.prefix, self.config.limits)
+        self._open_writer(raise_errors=True)
+
+    def _connect(self) -> mqtt.Client | None:
         """Connected with a persistent session (MQTT 5, or 3.1.1 when the broker refuses 5);
-        paho's thread subscribes on every connection."""
-        client, protocol = connect_client(
-            self.config.mqtt_options,
-            self.config.client_id,
-            setup=self._prepare,
-            session_expiry_s=self.config.session_expiry_s,
-            manual_ack=True,
-        )
+        paho's thread subscribes on every connection. Waits with backoff while nothing answers
+        at the broker's address (None when stopped meanwhile); a broker that refuses us, or TLS
+        that fails, raises MqttError at once."""
+        delay = START_RETRY_S
+        while True:
+            try:
+                client, protocol = connect_client(
+                    self.config.mqtt_options,
+                    self.config.client_id,
+                    setup=self._prepare,
+                    session_expiry_s=self.config.session_expiry_s,
+                    manual_ack=True,
+                )
+                break
+            except MqttError as exc:
+                if not _unreachable(exc):
+                    raise
+                log.warning(
+                    "%s; retrying in %g s",
+                    exc,
+                    delay,
+                    extra={"broker": self.config.mqtt_options.shown_url, "retry_in_s": delay},
+                )
+            if self._stop is not None and self._stop.wait(delay):
+                return None
+            delay = min(delay * 2, START_RETRY_MAX_S)
         self.protocol = protocol_name(protocol)
         if protocol == mqtt.MQTTv311 and self.config.shared_subscription:
             # MQTT 3.1.1 has no way to say so: amqtt grants $share/... and delivers nothing to it
@@ -291,16 +354,16 @@ class IngestDaemon:
             self.http = serve(
                 self.metrics, self.config.metrics_port, self.ready, self.config.metrics_host
             )
-        if self.registry is not None:
-            self.registry.start()
         if self.config.writer_process:
             self._process = ProcessWriter(self._worker_config)
-        self._open_writer()
         self.accepting.set()
         client = None
         try:
-            self._client = client = self._connect()
-            self._consume()
+            # the broker only once the database answers: until then the session holds the rest
+            if self._wait_for_database():
+                self._client = client = self._connect()
+            if client is not None:
+                self._consume()
         except ShutdownAbandoned as exc:
             self.counters.unacknowledged = self._abandon(client, exc.args[0])
             log.error(

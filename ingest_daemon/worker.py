@@ -89,11 +89,12 @@ def serve(pipe: Connection, config: WorkerConfig) -> None:
     judged while the database lands the current one. After a batch fails for want of the
     database, the committer refuses every other write (without trying it) until that batch is
     committed: the receiving process sends the failed batches again, in order, and batches are
-    never committed out of order."""
-    try:
-        registry = RegistryCache(config.database_url)
-    except (psycopg.Error, DatabaseUnavailable) as exc:
-        pipe.send(("fatal", f"cannot read the device registry: {exc}"))
+    never committed out of order.
+
+    Until the registry has been read, every request is answered ``unavailable`` (the receiving
+    process waits for the database with backoff and asks again), and nothing is judged."""
+    registry, request = _read_registry(pipe, config)
+    if registry is None:
         return
     registry.start()
     judge = Judge(registry.get, config.prefix, config.limits)
@@ -105,12 +106,13 @@ def serve(pipe: Connection, config: WorkerConfig) -> None:
     committer.start()
     try:
         while committer.is_alive():
-            if not pipe.poll(0.5):
-                continue
-            try:
-                request = pipe.recv()
-            except EOFError:
-                return  # the receiving process is gone: nothing of ours was acknowledged
+            if request is None:
+                if not pipe.poll(0.5):
+                    continue
+                try:
+                    request = pipe.recv()
+                except EOFError:
+                    return  # the receiving process is gone: nothing of ours was acknowledged
             if request[0] == "stop":
                 return
             if request[0] == "write":
@@ -119,10 +121,34 @@ def serve(pipe: Connection, config: WorkerConfig) -> None:
                     judged[batch_id] = judge_raw(judge, messages)
                 request = ("write", batch_id)
             _hand(work, committer, request)
+            request = None
     finally:
         _hand(work, committer, None)
         committer.join()
         registry.stop()
+
+
+def _read_registry(
+    pipe: Connection, config: WorkerConfig
+) -> tuple[RegistryCache | None, tuple | None]:
+    """The registry, read when the first request comes and again at each request while the
+    database is unavailable (answered ``unavailable``, not judged); also the request that found
+    it readable, still to be served. ``(None, None)`` on ``stop``, when the receiving process
+    is gone, or when the registry cannot be read for another reason (answered ``fatal``)."""
+    while True:
+        try:
+            request = pipe.recv()
+        except EOFError:
+            return None, None
+        if request[0] == "stop":
+            return None, None
+        try:
+            return RegistryCache(config.database_url), request
+        except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+            pipe.send(("unavailable", f"cannot read the device registry: {exc}"[:500]))
+        except psycopg.Error as exc:  # not migrated, no privilege: waiting would not help
+            pipe.send(("fatal", f"cannot read the device registry: {exc}"[:500]))
+            return None, None
 
 
 def _hand(work: queue.Queue, committer: threading.Thread, request: tuple | None) -> None:
@@ -164,7 +190,9 @@ def _commit(
             failed = None
             del judged[request[1]]
             pipe.send(("ok", batch.written(result)))
-    except Exception as exc:  # a bug, or the pipe gone: say so, and the process ends
+    except BrokenPipeError:
+        pass  # the receiving process is gone (killed): nothing of ours was acknowledged
+    except Exception as exc:  # a bug: say so, and the process ends
         log.exception("the ingest writer failed")
         with contextlib.suppress(OSError):
             pipe.send(("fatal", f"the ingest writer failed: {exc!r}"[:500]))

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
+from iiot_orchestration.db import DatabaseUnavailable
 from ingest_daemon.validation import DEFAULT_LIMITS
 from ingest_daemon.worker import ProcessWriter, WorkerConfig, WorkerFailed, serve
 from ingest_daemon.writer import BatchWriter
@@ -61,10 +62,12 @@ def test_a_batch_retried_after_an_outage_is_judged_once(conn, database_url, pg_s
     assert (written.result.landed, written.dead_letter_reasons) == (0, {"rate_limited": 1})
 
 
-def test_a_worker_without_a_registry_says_why(loop_without_database):
-    kind, error = loop_without_database
-    assert kind == "fatal"
-    assert "device registry" in error
+def test_a_worker_without_the_database_says_so_and_waits(loop_without_database):
+    for request in (("open",), ("write", 1, [message(1, 5)]), ("open",)):
+        loop_without_database.send(request)
+        kind, error = loop_without_database.recv()
+        assert kind == "unavailable"  # asked again, it tries again; nothing is judged
+        assert "device registry" in error
 
 
 @pytest.fixture
@@ -75,19 +78,31 @@ def loop_without_database():
     )
     thread = threading.Thread(target=serve, args=(theirs, config))
     thread.start()
-    answer = ours.recv()
+    yield ours
+    ours.send(("stop",))
     thread.join(30)
-    return answer
+    assert not thread.is_alive()
 
 
-def test_the_process_handle_reports_a_writer_that_cannot_start():
+def test_the_process_handle_reports_a_writer_waiting_for_the_database():
     writer = ProcessWriter(
         WorkerConfig(
             "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", "iiot", DEFAULT_LIMITS, 0
         )
     )
     try:
-        with pytest.raises(WorkerFailed, match="device registry"):
+        with pytest.raises(DatabaseUnavailable, match="device registry"):
+            writer.open()
+        assert writer.process.is_alive()  # it tries again when asked again
+    finally:
+        writer.close()
+    assert not writer.process.is_alive()
+
+
+def test_the_process_handle_reports_a_writer_that_cannot_start(empty_database_url):
+    writer = ProcessWriter(WorkerConfig(empty_database_url, "iiot", DEFAULT_LIMITS, 0))
+    try:
+        with pytest.raises(WorkerFailed, match="device registry"):  # not migrated: no waiting
             writer.open()
     finally:
         writer.close()
