@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -387,6 +385,14 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     help="Judge and commit in a second process of the slot, so that receiving has the "
     "interpreter to itself (docs/ingest.md); --no-writer-process does everything in one.",
 )
+@click.option(
+    "--supervisor-metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="With --processes above 1: port of the parent's /metrics (slot restarts) "
+    "[default: --metrics-port plus --processes, the port after the last slot's; 0 turns it off].",
+)
+@click.option("--supervisor-pid", type=int, default=None, hidden=True)  # set for the slots
 @friendly_errors
 def ingest_command(
     processes: int,
@@ -398,11 +404,15 @@ def ingest_command(
     metrics_host: str,
     stop_timeout: float,
     writer_process: bool,
+    supervisor_metrics_port: int | None,
+    supervisor_pid: int | None,
 ) -> None:
     """Land MQTT telemetry in the database until SIGTERM or Ctrl-C, which drain, flush,
-    acknowledge and exit 0. Messages are acknowledged only after their batch is committed."""
-    from iiot_orchestration.mqtt import MqttOptions, check_options
+    acknowledge and exit 0. Messages are acknowledged only after their batch is committed.
+    With --processes above 1 this process supervises the slots: one that dies is restarted."""
+    from iiot_orchestration.mqtt import MqttError, MqttOptions, check_options
     from ingest_daemon.daemon import IngestConfig, IngestDaemon
+    from ingest_daemon.supervisor import EXIT_CONFIGURATION, Supervisor, watch_parent
 
     settings = _settings()
     if not settings.mqtt_url:
@@ -415,6 +425,7 @@ def ingest_command(
             "run one process (--processes 1)"
         )
     check_options(MqttOptions.from_settings(settings))  # wrong TLS files: one error, not N
+    database_url = settings.require_database_url()
     if processes > 1:
         options = [
             "--group",
@@ -431,9 +442,18 @@ def ingest_command(
             str(stop_timeout),
             "--writer-process" if writer_process else "--no-writer-process",
         ]
-        sys.exit(_run_slots(processes, options))
+        if supervisor_metrics_port is None:
+            supervisor_metrics_port = metrics_port + processes if metrics_port else 0
+        supervisor = Supervisor(
+            [sys.executable, "-m", "iiot_orchestration.cli", "ingest", *options],
+            processes,
+            metrics_port=supervisor_metrics_port or None,
+            metrics_host=metrics_host,
+        )
+        with stop_on_signals() as stop:
+            sys.exit(supervisor.run(stop))
     config = IngestConfig(
-        database_url=settings.require_database_url(),
+        database_url=database_url,
         mqtt_url=settings.mqtt_url,
         prefix=settings.topic_prefix,
         group=group,
@@ -452,7 +472,17 @@ def ingest_command(
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:
-        counters = IngestDaemon(config).run(stop)
+        if supervisor_pid is not None:
+            watch_parent(supervisor_pid, stop)  # no orphan: the slot stops with its parent
+        try:
+            counters = IngestDaemon(config).run(stop)
+        except MqttError as exc:
+            if supervisor_pid is None:
+                raise
+            # the broker refused us or TLS failed: the supervisor stops every slot, instead of
+            # restarting them into the same refusal
+            click.secho(f"error: slot {slot}: {exc}", fg="red", err=True)
+            sys.exit(EXIT_CONFIGURATION)
     click.echo(
         f"Stopped: {counters.received:,} messages, {counters.landed:,} readings landed, "
         f"{counters.duplicates:,} duplicates, {counters.dead_letters:,} dead letters."
@@ -463,15 +493,6 @@ def ingest_command(
             f"{counters.unacknowledged:,} messages were left unacknowledged; the broker delivers "
             f"them again when {config.client_id} reconnects (nothing is lost)"
         )
-
-
-def _run_slots(processes: int, options: list[str]) -> int:
-    """N ingest processes with stable slots; signals are passed on, and all are waited for."""
-    command = [sys.executable, "-m", "iiot_orchestration.cli", "ingest", *options]
-    children = [subprocess.Popen([*command, "--slot", str(n)]) for n in range(processes)]
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: [c.send_signal(signum) for c in children])
-    return max(child.wait() for child in children)
 
 
 @main.command("simulate")
