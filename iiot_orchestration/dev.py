@@ -25,10 +25,11 @@ from iiot_orchestration import migrate, registry
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.services import (
+    Broker,
     ServiceError,
     ensure_database,
     free_port,
-    port_open,
+    port_free,
     start_broker,
     start_embedded_postgres,
 )
@@ -44,7 +45,8 @@ DEMO_DEVICES = (
     registry.DeviceRequest("02:00:00:00:00:05", "gas", "Boiler"),
 )
 STARTUP_TIMEOUT_S = 180
-MQTT_PORT = ("127.0.0.1", 1883)
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+INGEST_READY_TIMEOUT_S = 60
 DEMO_RATE = 0.2  # messages per second per demo device
 _LOCATIONS_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
@@ -77,6 +79,7 @@ class DevStack:
     dagster_home: Path
     broker_kind: str | None = None  # the broker started here; None for IIOT_MQTT_URL's
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    broker: Broker | None = None
 
 
 def code_locations(base_url: str, timeout: float = 5) -> list[dict[str, Any]]:
@@ -178,17 +181,23 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
 def _stop_processes(
     processes: dict[str, subprocess.Popen[bytes]], echo: Callable[[str], None]
 ) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
-    for name, process in processes.items():
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            echo(f"{name} did not stop within 20 s; killing it")
-            process.kill()
-            process.wait()
-        _signal_group(process, signal.SIGKILL)  # whatever of its group is left
+    """Everything that publishes first (the simulated fleet, and Dagster, which publishes
+    certificate updates), then the ingest daemon once they have stopped, so that it lands and
+    acknowledges what they sent; the broker and the database are stopped after this."""
+    publishers = [name for name in processes if name != "ingest"]
+    for stage in (publishers, [name for name in processes if name == "ingest"]):
+        for name in stage:
+            if processes[name].poll() is None:
+                _signal_group(processes[name], signal.SIGTERM)
+        for name in stage:
+            process = processes[name]
+            try:
+                process.wait(40)  # the simulator waits up to 30 s for its acknowledgements
+            except subprocess.TimeoutExpired:
+                echo(f"{name} did not stop within 40 s; killing it")
+                process.kill()
+                process.wait()
+            _signal_group(process, signal.SIGKILL)  # whatever of its group is left
 
 
 def run_dev_stack(
@@ -202,14 +211,17 @@ def run_dev_stack(
     with stop_on_signals() as stop, ExitStack() as cleanup:
         try:
             stack = _start(settings, data_dir, cleanup, echo)
+            # unwound first: the processes stop before the broker and the database
             cleanup.callback(_stop_processes, stack.processes, echo)
-            _start_ingest(settings, stack, echo)
+            _start_ingest(settings, stack, echo, stop)
             if dagster:
                 _start_dagster(settings, stack, cleanup, echo, stop)
             if not stop.is_set():
                 echo("Ready. Press Ctrl-C to stop.")
             while not stop.is_set():
                 failed = [n for n, p in stack.processes.items() if p.poll() is not None]
+                if stack.broker is not None and not stack.broker.running:
+                    failed.append(f"the MQTT broker ({stack.broker.kind})")
                 if failed:
                     echo(f"{', '.join(failed)} stopped unexpectedly; see {data_dir / 'logs'}")
                     exit_code = 1
@@ -242,22 +254,46 @@ def _start(
     migrate.migrate(database_url, settings.storage, echo=echo)
     seed_demo(database_url, echo)
 
-    broker_kind = None
+    broker = None
     if settings.mqtt_url:
         mqtt_url = settings.mqtt_url
         echo(f"MQTT broker: {mqtt_url} (IIOT_MQTT_URL)")
     else:
-        # the usual MQTT port when it is free, so that devices need no configuration
-        broker = start_broker(data_dir / "mosquitto", port=None if port_open(*MQTT_PORT) else 1883)
+        broker_dir = data_dir / "mosquitto"
+        broker = start_broker(broker_dir, MQTT_HOST, _broker_port(broker_dir, echo))
         cleanup.callback(broker.stop)
+        (broker_dir / "port").write_text(f"{broker.port}\n")
         mqtt_url = broker.url
-        echo(f"MQTT broker: {mqtt_url} ({broker.kind})")
-        broker_kind = broker.kind
-    return DevStack(database_url, dagster_url, mqtt_url, data_dir / "dagster_home", broker_kind)
+        where = "in this process" if broker.kind == "amqtt" else f"data and log in {broker_dir}"
+        echo(f"MQTT broker: {mqtt_url} ({broker.kind}; {where})")
+    return DevStack(
+        database_url,
+        dagster_url,
+        mqtt_url,
+        data_dir / "dagster_home",
+        broker.kind if broker else None,
+        broker=broker,
+    )
 
 
-def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], None]) -> None:
-    """The ingest daemon and a small simulated fleet of the demo tenant, so the demo has data."""
+def _broker_port(broker_dir: Path, echo: Callable[[str], None]) -> int | None:
+    """The port of the previous start when it is free, so that the URLs printed then still
+    hold; else the usual MQTT port when it is free, so that devices need no configuration;
+    else None (any free port)."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int((broker_dir / "port").read_text())
+        if port_free(MQTT_HOST, port):
+            return port
+        echo(f"MQTT port {port} of the previous start is taken: the broker moves")
+    return MQTT_PORT if port_free(MQTT_HOST, MQTT_PORT) else None
+
+
+def _start_ingest(
+    settings: Settings, stack: DevStack, echo: Callable[[str], None], stop: threading.Event
+) -> None:
+    """The ingest daemon and a small simulated fleet of the demo tenant, so the demo has data.
+    The fleet starts once ingest has subscribed: a broker drops what it accepts for a topic
+    nobody has subscribed to yet."""
     log_dir = stack.dagster_home.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = _dagster_env(settings, stack)
@@ -266,6 +302,9 @@ def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], Non
     stack.processes["ingest"] = _spawn(
         "ingest", [*iiot, "ingest", "--metrics-port", str(metrics_port)], env, Path.cwd(), log_dir
     )
+    _wait_for_ingest(stack.processes["ingest"], metrics_port, log_dir, stop)
+    if stop.is_set():
+        return
     stack.processes["simulator"] = _spawn(
         "simulator",
         [*iiot, "simulate", "--tenant", DEMO_TENANT, "--rate", str(DEMO_RATE)],
@@ -282,6 +321,30 @@ def _start_ingest(settings: Settings, stack: DevStack, echo: Callable[[str], Non
             "amqtt speaks MQTT 3.1.1 without shared subscriptions: ingest runs as one process on "
             "the plain topic filter (install mosquitto for MQTT 5 and shared subscriptions)"
         )
+
+
+def _wait_for_ingest(
+    ingest: subprocess.Popen[bytes], metrics_port: int, log_dir: Path, stop: threading.Event
+) -> None:
+    """Until its /health/ready answers 200: subscribed, and able to commit."""
+    url = f"http://127.0.0.1:{metrics_port}/health/ready"
+    deadline = time.monotonic() + INGEST_READY_TIMEOUT_S
+    while not stop.is_set():
+        if ingest.poll() is not None:
+            raise ServiceError(
+                f"ingest exited with code {ingest.returncode} during start-up; "
+                f"see {log_dir / 'ingest.log'}"
+            )
+        # a 503 (not ready yet) is an HTTPError, an OSError like a refused connection
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise ServiceError(
+                f"ingest was not ready within {INGEST_READY_TIMEOUT_S} s; "
+                f"see {log_dir / 'ingest.log'}"
+            )
+        stop.wait(0.2)
 
 
 def _start_dagster(

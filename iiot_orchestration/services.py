@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -26,8 +29,10 @@ from iiot_orchestration.errors import IiotError
 log = logging.getLogger(__name__)
 
 # Mosquitto's defaults drop QoS 1 messages for a consumer that falls behind; these do not.
+# ``user``: started as root, Mosquitto would switch to the ``mosquitto`` user, which cannot write
+# the persistence file or the log in our data directory; it runs as whoever started it instead.
 MOSQUITTO_CONF = """\
-listener {port} {host}
+{user}listener {port} {host}
 allow_anonymous true
 persistence true
 persistence_location {data}/
@@ -50,6 +55,18 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (connections of a stopped listener
+    lingering in TIME_WAIT do not count, as for Mosquitto, which sets SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -67,11 +84,14 @@ def wait_for_port(host: str, port: int, timeout: float, what: str) -> None:
 
 @dataclass
 class Broker:
-    """A running MQTT broker; ``stop()`` shuts it down."""
+    """A running MQTT broker; ``stop()`` shuts it down. A Mosquitto broker also has ``pid``
+    and ``restart()`` (same data directory, port and configuration)."""
 
     kind: str
     host: str
     port: int
+    data_dir: Path | None = None
+    extra_config: str = ""
     _process: subprocess.Popen[bytes] | None = None
     _thread: threading.Thread | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -81,7 +101,29 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The Mosquitto process's id while it has not been stopped here (None for amqtt)."""
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        if self._process is not None:
+            return self._process.poll() is None
+        return self._thread is not None and self._thread.is_alive()
+
+    def restart(self) -> None:
+        """Stop Mosquitto if it still runs (whoever stopped or killed it), then start it again
+        on the same data directory and port: its persistent sessions, queued messages and
+        retained messages come back from its persistence file."""
+        if self.kind != "mosquitto" or self.data_dir is None:
+            raise ServiceError("only a Mosquitto broker can be restarted")
+        self.stop()
+        again = start_mosquitto(self.data_dir, self.host, self.port, self.extra_config)
+        self._process = again._process
+
     def stop(self) -> None:
+        """SIGTERM, on which Mosquitto writes its persistence file and exits."""
         if self._process is not None:
             self._process.terminate()
             try:
@@ -114,29 +156,104 @@ def start_mosquitto(
     data_dir: Path, host: str = "127.0.0.1", port: int | None = None, extra_config: str = ""
 ) -> Broker:
     """Mosquitto with the project's configuration; ``extra_config`` is appended to it (more
-    listeners, for example: the Broker names only the first, and only it is waited for)."""
+    listeners, for example: the Broker names only the first, and only it is waited for).
+
+    It runs as the invoking user (also under root), in a session of its own (a Ctrl-C meant for
+    the caller does not reach it), with its persistence file ``mosquitto.db`` and its log
+    ``mosquitto.log`` in ``data_dir``. Before returning it is made to write its persistence file
+    once (SIGUSR1): a broker that cannot write it, that logs an error at start or that exits
+    raises ServiceError with its own message.
+
+    Starting it again on the same ``data_dir`` and ``port`` (``start_mosquitto(data_dir,
+    port=broker.port)`` after it stopped, or ``broker.restart()``) restores what the first one
+    saved when it stopped (SIGTERM writes the file; a SIGKILL loses what came after the last
+    write). ``broker.pid`` is the process to signal from outside."""
     binary = shutil.which("mosquitto")
     if binary is None:
         raise ServiceError("mosquitto is not on PATH")
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
+    data = data_dir.resolve()
     conf = data_dir / "mosquitto.conf"
     conf.write_text(
-        MOSQUITTO_CONF.format(port=port, host=host, data=data_dir.resolve()) + extra_config
+        MOSQUITTO_CONF.format(user=_mosquitto_user(), port=port, host=host, data=data)
+        + extra_config
     )
+    log_path = data_dir / "mosquitto.log"
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
     stderr_path = data_dir / "mosquitto.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr
+            [binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
         )
+    broker = Broker("mosquitto", host, port, data_dir, extra_config, _process=process)
+
+    def output() -> list[str]:
+        """What it printed (stderr) and logged since this start."""
+        lines = stderr_path.read_text(errors="replace").splitlines()
+        if log_path.exists():
+            with log_path.open("rb") as log_file:
+                log_file.seek(log_offset)
+                lines += log_file.read().decode(errors="replace").splitlines()
+        return lines
+
+    def errors() -> str:
+        return "\n".join(line for line in output() if "Error:" in line)
+
+    def fail(what: str) -> ServiceError:
+        broker.stop()
+        detail = errors() or stderr_path.read_text(errors="replace")[-500:].strip()
+        return ServiceError(f"mosquitto {what} ({conf}): {detail or 'no message'}")
+
+    # "running" is logged once its signal handlers are set, just before its main loop
+    deadline = time.monotonic() + 15
+    while not (port_open(host, port) and any(" running" in line for line in output())):
+        if process.poll() is not None:
+            raise fail(f"exited with code {process.returncode} at start")
+        if errors():
+            raise fail("reported an error at start")
+        if time.monotonic() > deadline:
+            raise fail(f"did not start on {host}:{port} within 15 s")
+        time.sleep(0.05)
+    if not _saved_persistence(process, data / "mosquitto.db", errors):
+        raise fail("could not write its persistence file")
+    if errors():
+        raise fail("reported an error at start")
+    return broker
+
+
+def _mosquitto_user() -> str:
     try:
-        wait_for_port(host, port, 15, "mosquitto")
-    except ServiceError:
-        process.kill()
-        process.wait()
-        detail = stderr_path.read_text(errors="replace")[-500:]
-        raise ServiceError(f"mosquitto did not start: {detail}") from None
-    return Broker("mosquitto", host, port, _process=process)
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+    except KeyError:  # a uid without a name is not root, and only root switches users
+        return ""
+
+
+def _saved_persistence(
+    process: subprocess.Popen[bytes], path: Path, errors: Any, timeout: float = 10
+) -> bool:
+    """Make Mosquitto write its persistence file now, and wait until it has (a new file
+    replaces the old one) or it has reported an error or exited."""
+
+    def identity() -> tuple[int, int] | None:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            return stat.st_ino, stat.st_mtime_ns
+        return None
+
+    before = identity()
+    process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None or errors():
+            return False
+        if path.is_file() and identity() != before:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def start_amqtt(

@@ -12,11 +12,13 @@ import threading
 import time
 import urllib.request
 
+import paho.mqtt.publish as publish
+import paho.mqtt.subscribe as subscribe
 import psycopg
 import pytest
 
 from iiot_orchestration.dev import DEMO_DEVICES, DEMO_TENANT, code_locations
-from iiot_orchestration.services import free_port, port_open
+from iiot_orchestration.services import ServiceError, free_port, port_open, start_mosquitto
 from tests.conftest import REPO_ROOT
 
 START_TIMEOUT_S = 300
@@ -144,3 +146,130 @@ def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
     assert not port_open("127.0.0.1", port)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(database_url, connect_timeout=3)
+
+
+def start_dev(env: dict[str, str], *args: str) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
+    """`iiot dev` in a session of its own, like a terminal's foreground job."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iiot_orchestration.cli", "dev", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    return process, lines, []
+
+
+def ctrl_c(process: subprocess.Popen, lines: queue.Queue, seen: list[str]) -> int:
+    """What Ctrl-C in a terminal does: SIGINT to the whole foreground process group."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    while wait_for(lines, seen, "\0", 5):  # the rest of its output
+        pass
+    process.stdout.close()
+    return process.returncode
+
+
+def readings_and_dead_letters(database_url: str) -> tuple[int, int]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT (SELECT count(*) FROM (SELECT DISTINCT device_id, ts FROM telemetry) r),"
+            " (SELECT count(*) FROM dead_letters)"
+        ).fetchone()
+
+
+@pytest.mark.stack
+def test_iiot_dev_loses_nothing_acknowledged_across_restarts(tmp_path, database_url):
+    """Three Ctrl-C stops while the simulated fleet publishes: every message the broker
+    acknowledged to the simulator landed, the broker keeps its port and persistence file."""
+    data_dir = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    urls = []
+    for _ in range(3):
+        before = readings_and_dead_letters(database_url)[0]
+        process, lines, seen = start_dev(env, "--no-dagster")
+        try:
+            assert wait_for(lines, seen, "Ready. Press Ctrl-C to stop.", START_TIMEOUT_S), seen
+            urls += re.findall(r"MQTT broker: (mqtt://\S+) \(mosquitto", "\n".join(seen))
+            # this run's fleet is publishing and ingest is landing
+            deadline = time.monotonic() + 120
+            while readings_and_dead_letters(database_url)[0] < before + 5:
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+        finally:
+            code = ctrl_c(process, lines, seen)
+        assert code == 0, "\n".join(seen)
+        assert (data_dir / "mosquitto" / "mosquitto.db").is_file(), "\n".join(seen)
+    assert len(urls) == 3, urls
+    assert len(set(urls)) == 1, urls
+    simulator_log = (data_dir / "logs" / "simulator.log").read_text()
+    done = re.findall(r"Done: ([\d,]+) messages published, ([\d,]+) acknowledged", simulator_log)
+    assert len(done) == 3, simulator_log
+    acknowledged = sum(int(acked.replace(",", "")) for _, acked in done)
+    assert acknowledged > 0
+    assert readings_and_dead_letters(database_url) == (acknowledged, 0)
+
+
+@pytest.mark.stack
+def test_iiot_dev_stops_on_a_broker_start_error(tmp_path, database_url):
+    """The broker cannot write its persistence file (a directory stands in its place): `iiot
+    dev` stops with the broker's own message instead of running without persistence."""
+    data_dir = tmp_path / "var"
+    (data_dir / "mosquitto" / "mosquitto.db").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    process, lines, seen = start_dev(env, "--no-dagster")
+    try:
+        wait_for(lines, seen, "Stopped.", START_TIMEOUT_S)
+    finally:
+        code = ctrl_c(process, lines, seen)
+    output = "\n".join(seen)
+    assert code == 1, output
+    assert "error: mosquitto" in output, output
+    assert "Is a directory" in output, output
+    assert "Ready." not in output
+
+
+def test_mosquitto_reports_a_bad_configuration_line(tmp_path):
+    with pytest.raises(ServiceError, match='Unknown configuration variable "no_such_option"'):
+        start_mosquitto(tmp_path / "mosquitto", extra_config="no_such_option true\n")
+
+
+def test_mosquitto_keeps_its_data_across_a_restart_on_the_same_port(tmp_path):
+    """Its persistence file is written (it runs as the invoking user, also under root), and a
+    second start on the same data directory and port finds what the first one kept."""
+    broker = start_mosquitto(tmp_path / "mosquitto")
+    try:
+        pid, port = broker.pid, broker.port
+        assert pid is not None
+        publish.single(
+            "iiot/restart-test", b"kept", qos=1, retain=True, hostname=broker.host, port=port
+        )
+        broker.stop()
+        assert broker.pid is None
+        assert (tmp_path / "mosquitto" / "mosquitto.db").is_file()
+        broker.restart()
+        assert broker.port == port
+        assert broker.pid not in (None, pid)
+        message = subscribe.simple("iiot/restart-test", hostname=broker.host, port=port)
+        assert message.payload == b"kept"
+        assert message.retain
+        broker.stop()
+        again = start_mosquitto(tmp_path / "mosquitto", port=port)
+        try:
+            message = subscribe.simple("iiot/restart-test", hostname=again.host, port=port)
+            assert message.payload == b"kept"
+        finally:
+            again.stop()
+    finally:
+        broker.stop()
