@@ -719,7 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=10.0, help="Seconds between readings.")
     parser.add_argument("--count", type=int, default=None, help="Stop after sending this many.")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from iiot_orchestration.logs import configure_from_environment
+
+    try:
+        configure_from_environment(process_name="gateway-agent")
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
     config = AgentConfig(
         mac=args.mac.lower(),
         host=args.host,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from iiot_orchestration import __version__, migrate, registry
 from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.logs import configure_logging
 from iiot_orchestration.settings import SettingsError, describe
 from iiot_orchestration.signals import stop_on_signals
 
@@ -29,10 +29,12 @@ def main() -> None:
     Configuration comes from IIOT_* environment variables; `iiot config` shows them.
     """
     try:
-        level = _settings().log_level
-    except SettingsError:
-        level = "INFO"  # the command itself reports the bad variable; --help still works
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = _settings()
+        level, fmt = settings.log_level, settings.log_format
+    except SettingsError:  # the command itself reports the bad variable; --help still works
+        level, fmt = "INFO", "text"
+    command = click.get_current_context().invoked_subcommand
+    configure_logging(level, fmt, process_name=f"iiot-{command}" if command else "iiot")
 
 
 @main.command("config")

@@ -19,10 +19,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.logs import LOG_FORMATS, LOG_LEVELS
 
 StorageMode = Literal["auto", "timescale", "postgres"]
 STORAGE_MODES: tuple[str, ...] = ("auto", "timescale", "postgres")
-LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 MQTT_PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
 _TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -482,6 +482,13 @@ VARIABLES: tuple[Variable, ...] = (
         "Log level of the CLI and daemons.",
         _choice(LOG_LEVELS, upper=True),
     ),
+    Variable(
+        "IIOT_LOG_FORMAT",
+        "text",
+        "text or json",
+        "Log format of the CLI and daemons: `text` lines, or one JSON object per line.",
+        _choice(LOG_FORMATS),
+    ),
 )
 VARIABLES_BY_NAME = {v.name: v for v in VARIABLES}
 
@@ -537,6 +544,7 @@ class Settings:
     cert_retry_backoff_hours: int = 24
     retention_batch_rows: int = 50_000
     compress_after_days: int = 7
+    log_format: str = "text"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -642,6 +650,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         cert_retry_backoff_hours=values["IIOT_CERT_RETRY_BACKOFF_HOURS"],
         retention_batch_rows=values["IIOT_RETENTION_BATCH_ROWS"],
         compress_after_days=values["IIOT_COMPRESS_AFTER_DAYS"],
+        log_format=values["IIOT_LOG_FORMAT"],
         sources=sources,
     )
 
@@ -684,6 +693,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_DAGSTER_HOST": settings.dagster_host,
         "IIOT_DAGSTER_PORT": settings.dagster_port,
         "IIOT_LOG_LEVEL": settings.log_level,
+        "IIOT_LOG_FORMAT": settings.log_format,
         "IIOT_ALERT_WEBHOOK_URL": settings.alert_webhook_url,
         "IIOT_TELEGRAM_BOT_TOKEN": settings.telegram_bot_token and "***",
         "IIOT_TELEGRAM_CHAT_ID": settings.telegram_chat_id,

@@ -32,6 +32,7 @@ import psycopg
 
 from iiot_orchestration.db import DatabaseUnavailable, open_connection
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.logs import configure_from_environment
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import Limits
@@ -75,9 +76,11 @@ def judge_raw(judge: Judge, messages: list[RawMessage]) -> Judged:
 
 def main(pipe: Connection, config: WorkerConfig) -> None:  # pragma: no cover - a subprocess
     """The writer process: signals are the receiving process's to handle (it drains, then sends
-    ``stop``), so they are ignored here."""
+    ``stop``), so they are ignored here. A spawned process starts with no logging set up: it
+    reads IIOT_LOG_LEVEL and IIOT_LOG_FORMAT (inherited) for the receiving process's format."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_from_environment()
     serve(pipe, config)
 
 
