@@ -15,8 +15,10 @@ the open batch, and the judging and the commit happen in a second process of the
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import socket
 import ssl
 import struct
 import threading
@@ -63,11 +65,18 @@ START_RETRY_S = 0.5
 START_RETRY_MAX_S = 10.0
 
 
+_NO_ROUTE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
+
+
 def _unreachable(error: MqttError) -> bool:
-    """Nothing answered at the broker's address (refused, unknown host, no route): worth
-    waiting for, unlike a broker that answers and refuses us, or TLS that fails."""
+    """Nothing answered at the broker's address (refused, unknown host, no route, timed out):
+    worth waiting for, unlike a broker that answers and refuses us, or TLS that fails (a reset
+    during the handshake included: a listener that wants a client certificate may do that)."""
     cause = error.__cause__
-    return isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError)
+    if isinstance(cause, ssl.SSLError) or not isinstance(cause, OSError):
+        return False
+    gone = (ConnectionRefusedError, TimeoutError, socket.gaierror)
+    return isinstance(cause, gone) or cause.errno in _NO_ROUTE
 
 
 def acknowledge(client: mqtt.Client, mids: list[int]) -> None:
