@@ -260,6 +260,8 @@ def _start(
         echo(f"MQTT broker: {mqtt_url} (IIOT_MQTT_URL)")
     else:
         broker_dir = data_dir / "mosquitto"
+        broker_dir.mkdir(parents=True, exist_ok=True)
+        _stop_leftover_broker(broker_dir, echo)
         broker = start_broker(broker_dir, MQTT_HOST, _broker_port(broker_dir, echo))
         cleanup.callback(broker.stop)
         (broker_dir / "port").write_text(f"{broker.port}\n")
@@ -274,6 +276,35 @@ def _start(
         broker.kind if broker else None,
         broker=broker,
     )
+
+
+def _stop_leftover_broker(broker_dir: Path, echo: Callable[[str], None]) -> None:
+    """The broker runs in a session of its own, so an `iiot dev` killed outright (SIGKILL, a
+    closed terminal) leaves it running on our port and data directory: stop it (SIGTERM, on
+    which it saves its persistence file), once its command line shows it is ours."""
+    try:
+        pid = int((broker_dir / "mosquitto.pid").read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if str(broker_dir / "mosquitto.conf").encode() not in command:
+        return
+    echo(f"Stopping the broker a previous `iiot dev` left running (pid {pid})...")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the broker left running (pid {pid}) did not stop within 15 s")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent has not collected it yet
 
 
 def _broker_port(broker_dir: Path, echo: Callable[[str], None]) -> int | None:

@@ -36,6 +36,7 @@ MOSQUITTO_CONF = """\
 allow_anonymous true
 persistence true
 persistence_location {data}/
+pid_file {data}/mosquitto.pid
 max_queued_messages 0
 max_inflight_messages 0
 max_packet_size 1048576
@@ -174,7 +175,7 @@ def start_mosquitto(
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     data = data_dir.resolve()
-    conf = data_dir / "mosquitto.conf"
+    conf = data / "mosquitto.conf"
     conf.write_text(
         MOSQUITTO_CONF.format(user=_mosquitto_user(), port=port, host=host, data=data)
         + extra_config

@@ -241,6 +241,30 @@ def test_iiot_dev_stops_on_a_broker_start_error(tmp_path, database_url):
     assert "Ready." not in output
 
 
+@pytest.mark.stack
+def test_iiot_dev_stops_the_broker_a_killed_run_left(tmp_path, database_url):
+    """A killed `iiot dev` leaves its broker running (it has a session of its own): the next
+    start stops that one, so it saves its persistence file, and takes its port again."""
+    data_dir = tmp_path / "var"
+    leftover = start_mosquitto(data_dir / "mosquitto")  # its port, data directory, pid file
+    (data_dir / "mosquitto" / "port").write_text(f"{leftover.port}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    try:
+        process, lines, seen = start_dev(env, "--no-dagster")
+        try:
+            assert wait_for(lines, seen, "Ready. Press Ctrl-C to stop.", START_TIMEOUT_S), seen
+        finally:
+            code = ctrl_c(process, lines, seen)
+        output = "\n".join(seen)
+        assert code == 0, output
+        assert f"left running (pid {leftover.pid})" in output
+        assert f"MQTT broker: {leftover.url} (mosquitto" in output
+        assert not leftover.running
+    finally:
+        leftover.stop()
+
+
 def test_mosquitto_reports_a_bad_configuration_line(tmp_path):
     with pytest.raises(ServiceError, match='Unknown configuration variable "no_such_option"'):
         start_mosquitto(tmp_path / "mosquitto", extra_config="no_such_option true\n")
