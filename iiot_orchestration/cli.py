@@ -415,6 +415,7 @@ def ingest_command(
     from iiot_orchestration.mqtt import MqttError, MqttOptions, check_options
     from ingest_daemon.daemon import IngestConfig, IngestDaemon
     from ingest_daemon.supervisor import EXIT_CONFIGURATION, Supervisor, watch_parent
+    from ingest_daemon.validation import Limits
 
     settings = _settings()
     if not settings.mqtt_url:
@@ -471,6 +472,7 @@ def ingest_command(
         mqtt_key_file=settings.mqtt_key_file,
         shared_subscription=settings.mqtt_shared_subscription,
         writer_process=writer_process,
+        limits=Limits(unknown_device_per_minute=settings.unknown_device_dead_letters_per_minute),
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:

@@ -476,6 +476,22 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 1_000_000_000),
     ),
     Variable(
+        "IIOT_DEAD_LETTER_RETENTION_DAYS",
+        "30",
+        "a whole number from 1 to 3650",
+        "Dead letters older than this many days are deleted by the daily dead_letter_retention "
+        "asset (docs/ingest.md).",
+        _int_range(1, 3650),
+    ),
+    Variable(
+        "IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE",
+        "10",
+        "a whole number from 0 to 1000000",
+        "Dead letters `iiot ingest` stores per minute for a MAC no device has; further messages "
+        "of that MAC are only counted (docs/ingest.md).",
+        _int_range(0, 1_000_000),
+    ),
+    Variable(
         "IIOT_LOG_LEVEL",
         "INFO",
         "DEBUG, INFO, WARNING or ERROR",
@@ -544,6 +560,8 @@ class Settings:
     cert_retry_backoff_hours: int = 24
     retention_batch_rows: int = 50_000
     compress_after_days: int = 7
+    dead_letter_retention_days: int = 30
+    unknown_device_dead_letters_per_minute: int = 10
     log_format: str = "text"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -650,6 +668,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         cert_retry_backoff_hours=values["IIOT_CERT_RETRY_BACKOFF_HOURS"],
         retention_batch_rows=values["IIOT_RETENTION_BATCH_ROWS"],
         compress_after_days=values["IIOT_COMPRESS_AFTER_DAYS"],
+        dead_letter_retention_days=values["IIOT_DEAD_LETTER_RETENTION_DAYS"],
+        unknown_device_dead_letters_per_minute=values[
+            "IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE"
+        ],
         log_format=values["IIOT_LOG_FORMAT"],
         sources=sources,
     )
@@ -700,6 +722,10 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_TELEGRAM_API_URL": settings.telegram_api_url,
         "IIOT_ALERT_DEDUP_MINUTES": settings.alert_dedup_minutes,
         "IIOT_ALERT_DEAD_LETTER_THRESHOLD": settings.alert_dead_letter_threshold,
+        "IIOT_DEAD_LETTER_RETENTION_DAYS": settings.dead_letter_retention_days,
+        "IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE": (
+            settings.unknown_device_dead_letters_per_minute
+        ),
     }
     rows = []
     for var in VARIABLES:

@@ -173,6 +173,7 @@ class Counters:
     overage: int = 0
     batches: int = 0
     unacknowledged: int = 0  # left for the broker to deliver again (a stop during an outage)
+    unknown_device_throttled: int = 0  # messages of unknown devices counted, not stored
 
 
 class IngestDaemon:
@@ -601,6 +602,8 @@ class IngestDaemon:
         metrics.duplicates.inc(result.duplicates)
         for reason, count in written.dead_letter_reasons.items():
             metrics.dead_letters.labels(reason).inc(count)
+        counters.unknown_device_throttled += written.unknown_device_throttled
+        metrics.unknown_device_throttled.inc(written.unknown_device_throttled)
         if written.newest is not None:
             lag = (datetime.now(UTC) - written.newest).total_seconds()
             metrics.lag_seconds.observe(max(lag, 0.0))

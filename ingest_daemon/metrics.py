@@ -29,6 +29,11 @@ class IngestMetrics:
         self.overage = Counter(
             "iiot_ingest_overage_messages", "Messages over an enterprise plan's rate", registry=r
         )
+        self.unknown_device_throttled = Counter(
+            "iiot_ingest_unknown_device_throttled",
+            "Messages of unknown devices counted, not stored (over the throttle)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "iiot_ingest_batch_messages",
             "Messages in a committed batch",

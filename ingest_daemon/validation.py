@@ -29,6 +29,7 @@ REASONS = (
     "bad_timestamp",
     "too_large",
     "rate_limited",
+    "conflicting_duplicate",  # judged by the writer, against what is stored
 )
 MAX_ABS_VALUE = 1e15
 _NUMBER = (int, float)
@@ -74,6 +75,11 @@ class Limits:
     max_readings: int = 1_000
     max_metrics: int = 64
     max_future: timedelta = timedelta(minutes=5)
+    # dead letters stored per unknown sender (a MAC no device has) per minute; the rest are
+    # only counted (IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE)
+    unknown_device_per_minute: int = 10
+    # distinct unknown senders a minute that get any: bounds a flood of made-up MACs, and memory
+    unknown_device_macs_per_minute: int = 1_000
 
 
 DEFAULT_LIMITS = Limits()

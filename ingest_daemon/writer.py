@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
+import orjson
 import psycopg
 
 from iiot_orchestration.db import query
@@ -47,18 +48,49 @@ class DeadLetter:
 
 class Delivery(NamedTuple):
     """The message a reading came in: when it was received, its number within the batch (so
-    usage counts messages, not readings) and whether it was over the plan's rate (overage)."""
+    usage counts messages, not readings), whether it was over the plan's rate (overage) and its
+    topic (for the dead letter of a conflicting duplicate)."""
 
     received_at: datetime
     number: int
     overage: bool = False
+    topic: str = ""
+
+
+class Conflict(NamedTuple):
+    """A reading refused because its (device, metric, ts) is stored with another value."""
+
+    reading: Reading
+    kept: float
+    delivery: Delivery
+    mac: str | None
+
+    def dead_letter(self) -> DeadLetter:
+        reading = self.reading
+        detail = (
+            f"{reading.metric} at {reading.ts.astimezone(UTC).isoformat()} is stored as "
+            f"{self.kept!r}; refused {reading.value!r}"
+        )
+        # the refused reading alone, its ts as the device wrote it: a message of its own
+        payload = orjson.dumps(
+            {"ts": reading.ts.isoformat(), "metrics": {reading.metric: reading.value}}
+        )
+        return DeadLetter(
+            self.delivery.received_at,
+            self.delivery.topic,
+            self.mac,
+            reading.tenant_id,
+            reading.device_id,
+            Rejection("conflicting_duplicate", detail, payload),
+        )
 
 
 @dataclass(frozen=True)
 class BatchResult:
     landed: int
-    duplicates: int
+    duplicates: int  # identical re-deliveries, skipped silently
     dead_letters: int
+    conflicts: tuple[Conflict, ...] = ()  # dead-lettered too, unless the caller kept them
 
 
 class BatchWriter:
@@ -77,17 +109,47 @@ class BatchWriter:
         dead_letters: list[DeadLetter],
         *,
         now: datetime,
+        dead_letter_conflicts: bool = True,
     ) -> BatchResult:
-        """Commit the batch; on any error nothing is committed and the error is raised."""
+        """Commit the batch; on any error nothing is committed and the error is raised.
+
+        A reading whose key is already stored (or comes earlier in the batch) with another
+        value is a conflict: dead-lettered as ``conflicting_duplicate`` in the same transaction,
+        or, with ``dead_letter_conflicts`` off (replay), only returned."""
         conn = self.conn
+        conflicts: list[Conflict] = []
         with conn.transaction():
             landed = self._land(readings, now) if readings else 0
+            if landed < len(readings):  # skipped readings: an extra look only then
+                conflicts = self._conflicts(readings)
+                if dead_letter_conflicts:
+                    dead_letters = [*dead_letters, *(c.dead_letter() for c in conflicts)]
             if dead_letters:
                 with conn.cursor().copy(query("copy_dead_letter_staging")) as copy:
                     for letter in dead_letters:
                         copy.write_row(letter.row(self.keep))
                 conn.execute(query("land_dead_letter_staging"))
-        return BatchResult(landed, len(readings) - landed, len(dead_letters))
+        return BatchResult(
+            landed,
+            len(readings) - landed - len(conflicts),
+            len(dead_letters),
+            tuple(conflicts),
+        )
+
+    def _conflicts(self, readings: list[tuple[Reading, Delivery]]) -> list[Conflict]:
+        rows = self.conn.execute(query("conflicting_staged_readings")).fetchall()
+        if not rows:
+            return []
+        # the readings as judged (ts as written); aware datetimes of one instant are equal
+        judged = {(r.device_id, r.metric, r.ts, r.value, d.number): (r, d) for r, d in readings}
+        conflicts = []
+        for device_id, metric, ts, value, kept, number, mac, tenant_id, received_at in rows:
+            reading, delivery = judged.get(
+                (device_id, metric, ts, value, number),
+                (Reading(tenant_id, device_id, metric, ts, value), Delivery(received_at, number)),
+            )
+            conflicts.append(Conflict(reading, kept, delivery, mac))
+        return conflicts
 
     def _land(self, readings: list[tuple[Reading, Delivery]], now: datetime) -> int:
         conn = self.conn

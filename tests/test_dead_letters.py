@@ -1,16 +1,25 @@
 """Dead letters: device named on too_large, conflicting duplicates, the unknown-device throttle,
 retention, and `iiot dead-letters list|replay`."""
 
-from datetime import UTC, datetime
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
+import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 
+from iiot_orchestration import migrate
 from iiot_orchestration.db import connect
+from iiot_orchestration.settings import SettingsError, load_settings
+from iiot_orchestration.storage import storage_for
+from ingest_daemon.daemon import IngestConfig, IngestDaemon
 from ingest_daemon.judge import Judge, Judged
 from ingest_daemon.registry_cache import load_devices
 from ingest_daemon.validation import DEFAULT_LIMITS, Limits
 from ingest_daemon.writer import BatchWriter
-from tests.ingest_helpers import MAC, provision
+from tests.ingest_helpers import MAC, count, provision, wait_for
 
 TOPIC = f"iiot/devices/{MAC}/telemetry"
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -54,3 +63,215 @@ def test_too_large_keeps_tenant_and_device_of_a_registered_topic(conn, writer):
         ("too_large", None, None, "02:ff:ff:00:00:09"),
         ("too_large", None, None, None),
     ]
+
+
+def one(ts: str, value: float, metric: str = "energy_kwh") -> bytes:
+    return orjson.dumps({"ts": ts, "metrics": {metric: value}})
+
+
+def stored(conn):
+    return conn.execute("SELECT metric, ts, value FROM telemetry ORDER BY metric, ts").fetchall()
+
+
+def test_conflicting_values_in_one_batch_dead_letter_the_second(conn, writer):
+    provision(conn)
+    ts = (NOW - timedelta(minutes=10)).isoformat()
+    judged, result = judge_and_write(
+        conn, writer, [(TOPIC, one(ts, 1.5)), (TOPIC, one(ts, 2.5)), (TOPIC, one(ts, 2.5))]
+    )
+    assert (result.landed, result.duplicates, result.dead_letters) == (1, 1, 1)
+    assert stored(conn) == [("energy_kwh", NOW - timedelta(minutes=10), 1.5)]
+    [(reason, detail, payload, topic, mac)] = letters(
+        conn, "reason, detail, payload, topic, mac::text"
+    )
+    assert (reason, topic, mac) == ("conflicting_duplicate", TOPIC, MAC)
+    at = (NOW - timedelta(minutes=10)).isoformat()
+    assert detail == f"energy_kwh at {at} is stored as 1.5; refused 2.5"  # kept and refused
+    assert orjson.loads(payload) == {"ts": ts, "metrics": {"energy_kwh": 2.5}}
+    assert judged.written(result).dead_letter_reasons == {"conflicting_duplicate": 1}
+
+
+def test_one_instant_written_with_two_offsets_and_two_values(conn, writer):
+    provision(conn)
+    instant = (NOW - timedelta(hours=2)).replace(minute=0)
+    utc = instant.isoformat()
+    sao_paulo = instant.astimezone(timezone(timedelta(hours=-3))).isoformat()
+    assert sao_paulo.endswith("-03:00")
+    judge_and_write(conn, writer, [(TOPIC, one(utc, 10.0))])
+    _, result = judge_and_write(conn, writer, [(TOPIC, one(sao_paulo, 11.0))])
+    assert (result.landed, result.duplicates, result.dead_letters) == (0, 0, 1)
+    assert stored(conn) == [("energy_kwh", instant, 10.0)]
+    [(reason, detail, payload)] = letters(conn, "reason, detail, payload")
+    assert reason == "conflicting_duplicate"
+    assert detail == f"energy_kwh at {utc} is stored as 10.0; refused 11.0"
+    assert orjson.loads(payload)["ts"] == sao_paulo  # as the device wrote it
+
+
+def test_identical_redelivery_lands_once_silently(conn, writer):
+    provision(conn)
+    ts = (NOW - timedelta(minutes=3)).isoformat()
+    message = (TOPIC, orjson.dumps({"ts": ts, "metrics": {"energy_kwh": 1e15, "power_w": -1e15}}))
+    _, first = judge_and_write(conn, writer, [message, message])
+    _, second = judge_and_write(conn, writer, [message])
+    assert (first.landed, first.duplicates, first.dead_letters) == (2, 2, 0)
+    assert (second.landed, second.duplicates, second.dead_letters) == (0, 2, 0)
+    assert letters(conn) == []
+    # the same instant in another offset, same values: still the same reading, silently
+    other = datetime.fromisoformat(ts).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    _, third = judge_and_write(
+        conn,
+        writer,
+        [(TOPIC, orjson.dumps({"ts": other.isoformat(), "metrics": {"power_w": -1e15}}))],
+    )
+    assert (third.landed, third.duplicates, third.dead_letters) == (0, 1, 0)
+
+
+def test_conflicts_among_many_readings_of_one_batch_message(conn, writer):
+    provision(conn)
+    times = [(NOW - timedelta(minutes=m)).isoformat() for m in range(1, 51)]
+    batch = {"readings": [{"ts": t, "metrics": {"energy_kwh": 1.0}} for t in times]}
+    judge_and_write(conn, writer, [(TOPIC, orjson.dumps(batch))])
+    changed = {
+        "readings": [
+            {"ts": t, "metrics": {"energy_kwh": float(i % 2)}} for i, t in enumerate(times)
+        ]
+    }
+    _, result = judge_and_write(conn, writer, [(TOPIC, orjson.dumps(changed))])
+    assert (result.landed, result.duplicates, result.dead_letters) == (0, 25, 25)
+    assert {r[0] for r in letters(conn)} == {"conflicting_duplicate"}
+
+
+@pytest.fixture
+def postgres_mode_url(empty_database_url):
+    """A database migrated in PostgreSQL storage mode, whatever the server supports."""
+    migrate.migrate(empty_database_url, "postgres", echo=lambda _: None)
+    return empty_database_url
+
+
+def test_conflicts_in_postgres_storage_mode(postgres_mode_url):
+    with (
+        psycopg.connect(postgres_mode_url, autocommit=True) as conn,
+        connect(postgres_mode_url, role="platform_rw") as writer_conn,
+    ):
+        assert storage_for(conn).mode == "postgres"
+        provision(conn)
+        writer = BatchWriter(writer_conn)
+        old = (NOW - timedelta(days=20)).isoformat()  # a day without a partition yet
+        messages = [(TOPIC, one(old, 1.0)), (TOPIC, one(old, 2.0)), (TOPIC, one(old, 1.0))]
+        _, result = judge_and_write(conn, writer, messages)
+        assert (result.landed, result.duplicates, result.dead_letters) == (1, 1, 1)
+        assert [r[0] for r in letters(conn)] == ["conflicting_duplicate"]
+
+
+def test_one_message_naming_an_instant_three_times(conn, writer):
+    provision(conn)
+    ts = (NOW - timedelta(minutes=7)).isoformat()
+    message = {"readings": [{"ts": ts, "metrics": {"energy_kwh": v}} for v in (1.0, 2.0, 3.0)]}
+    _, result = judge_and_write(conn, writer, [(TOPIC, orjson.dumps(message))])
+    assert (result.landed, result.duplicates, result.dead_letters) == (1, 0, 2)
+    refused = sorted(orjson.loads(p)["metrics"]["energy_kwh"] for (p,) in letters(conn, "payload"))
+    assert refused == [2.0, 3.0]
+
+
+def unknown_topic(n: int) -> str:
+    return f"iiot/devices/0200{n:08x}/telemetry"
+
+
+def test_a_flood_from_100000_unknown_macs_stores_what_the_throttle_allows(conn, writer):
+    """The user's finding: 100,000 made-up MACs became 100,000 rows. Judged as the writer
+    process judges them, in one minute: one dead letter for each of the first 1,000 senders."""
+    provision(conn)
+    judge = Judge(load_devices(conn).get, "iiot", DEFAULT_LIMITS)
+    judged = Judged()
+    payload = one(NOW.isoformat(), 1.0)
+    for n in range(100_000):
+        judge.judge(judged, unknown_topic(n), payload, NOW)
+        assert len(judge.unknown) <= DEFAULT_LIMITS.unknown_device_macs_per_minute
+    judge.judge(judged, TOPIC, payload, NOW)  # a registered device is never throttled
+    result = writer.write(judged.readings, judged.dead_letters, now=NOW)
+    written = judged.written(result)
+    assert result.landed == 1
+    assert written.unknown_device_throttled == 99_000
+    assert written.dead_letter_reasons == {"unknown_device": 1_000}
+    assert count(conn, "dead_letters") == 1_000
+
+
+def test_one_unknown_mac_gets_n_dead_letters_a_minute(conn, writer):
+    limits = Limits(unknown_device_per_minute=3)
+    judge = Judge(load_devices(conn).get, "iiot", limits)
+    judged = Judged()
+    garbage = b"\x00\xff" * 10
+    for second in range(0, 120, 10):  # two minutes, six messages in each
+        judge.judge(judged, unknown_topic(7), garbage, NOW + timedelta(seconds=second))
+    # a topic that names no MAC counts as its own sender, SQL or not
+    hostile = "iiot/devices/'); DELETE FROM dead_letters;--/telemetry"
+    for _ in range(5):
+        judge.judge(judged, hostile, garbage, NOW)
+    writer.write(judged.readings, judged.dead_letters, now=NOW)
+    assert judged.throttled == 6 + 2
+    assert conn.execute(
+        "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+    ).fetchall() == [("topic_mismatch", 3), ("unknown_device", 6)]
+
+
+def test_no_dead_letters_of_unknown_devices_at_zero(conn, writer):
+    judge = Judge(load_devices(conn).get, "iiot", Limits(unknown_device_per_minute=0))
+    judged = Judged()
+    judge.judge(judged, unknown_topic(1), b"{}", NOW)
+    assert (judged.dead_letters, judged.throttled) == ([], 1)
+
+
+@pytest.mark.parametrize("writer_process", [False, True], ids=["one-process", "writer-process"])
+def test_throttle_through_the_broker_reaches_prometheus(
+    conn, database_url, ingest_broker, writer_process
+):
+    provision(conn)
+    stop = threading.Event()
+    daemon = IngestDaemon(
+        IngestConfig(
+            database_url=database_url,
+            mqtt_url=ingest_broker.url,
+            group=f"g{uuid.uuid4().hex[:6]}",
+            batch_age_s=0.05,
+            limits=Limits(unknown_device_per_minute=2),
+            writer_process=writer_process,
+        )
+    )
+    thread = threading.Thread(target=daemon.run, args=(stop,))
+    thread.start()
+    try:
+        assert daemon.connected.wait(15)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect(ingest_broker.host, ingest_broker.port)
+        client.loop_start()
+        messages = [(unknown_topic(9), b"{}")] * 10 + [(TOPIC, one(NOW.isoformat(), 1.0))]
+        for topic, payload in messages:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        assert wait_for(lambda: daemon.counters.landed == 1 and daemon.counters.received == 11)
+    finally:
+        stop.set()
+        thread.join(30)
+    throttled = daemon.metrics.registry.get_sample_value(
+        "iiot_ingest_unknown_device_throttled_total"
+    )
+    stored = count(conn, "dead_letters")
+    # 2 a minute: 2 stored, or 4 if the ten straddled a minute's end
+    assert stored in (2, 4)
+    assert throttled == daemon.counters.unknown_device_throttled == 10 - stored
+
+
+@pytest.mark.parametrize("raw", ["-1", "ten", "'; DROP TABLE dead_letters;--", "9" * 40])
+def test_throttle_and_retention_settings_name_the_variable(raw):
+    for name in ("IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE", "IIOT_DEAD_LETTER_RETENTION_DAYS"):
+        with pytest.raises(SettingsError, match=name):
+            load_settings({name: raw})
+    settings = load_settings({})
+    assert (
+        settings.unknown_device_dead_letters_per_minute,
+        settings.dead_letter_retention_days,
+    ) == (
+        10,
+        30,
+    )

@@ -116,6 +116,19 @@ WITH landed AS (
 )
 SELECT count(*) FROM landed
 
+-- name: conflicting_staged_readings
+-- Run only when land_telemetry_staging skipped readings: those whose key is stored with another
+-- value (kept by the batch's first copy, or by an earlier batch), once per refused value. An
+-- identical re-delivery is no conflict.
+SELECT DISTINCT ON (s.device_id, s.metric, s.ts, s.value)
+       s.device_id, s.metric, s.ts, s.value, t.value AS kept, s.message_no, d.mac::text,
+       s.tenant_id, s.received_at
+  FROM telemetry_staging s
+  JOIN telemetry t USING (device_id, metric, ts)
+  JOIN devices d ON d.device_id = s.device_id
+ WHERE t.value <> s.value
+ ORDER BY s.device_id, s.metric, s.ts, s.value, s.message_no
+
 -- name: staged_days
 SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date AS day FROM telemetry_staging ORDER BY day
 
