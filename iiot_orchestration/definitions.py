@@ -7,6 +7,7 @@ from assets import (
     backups,
     billing,
     certificates,
+    dead_letters,
     marts,
     quality,
     reports,
@@ -22,6 +23,7 @@ from sensors import alerts as alert_sensors
 from sensors import backups as backup_schedules
 from sensors import billing as billing_schedules
 from sensors import certificates as certificate_schedules
+from sensors import dead_letters as dead_letter_schedules
 from sensors import marts as mart_schedules
 from sensors import reports as report_sensors
 from sensors import retention as retention_schedules
@@ -31,10 +33,31 @@ from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(
-        [telemetry, rollups, marts, billing, alerts, reports, backups, certificates, retention]
+        [
+            telemetry,
+            rollups,
+            marts,
+            billing,
+            alerts,
+            reports,
+            backups,
+            certificates,
+            retention,
+            dead_letters,
+        ]
     ),
     asset_checks=dg.load_asset_checks_from_modules(
-        [telemetry, rollups, quality, billing, reports, backups, certificates, retention]
+        [
+            telemetry,
+            rollups,
+            quality,
+            billing,
+            reports,
+            backups,
+            certificates,
+            retention,
+            dead_letters,
+        ]
     ),
     jobs=[
         schedules.telemetry_partitions_job,
@@ -53,6 +76,7 @@ defs = dg.Definitions(
         retention_schedules.telemetry_archive_job,
         retention_schedules.telemetry_compression_job,
         retention_schedules.archive_checks_job,
+        dead_letter_schedules.dead_letter_retention_job,
     ],
     schedules=[
         schedules.telemetry_partitions_schedule,
@@ -68,6 +92,7 @@ defs = dg.Definitions(
         retention_schedules.telemetry_archive_schedule,
         retention_schedules.telemetry_compression_schedule,
         retention_schedules.archive_checks_schedule,
+        dead_letter_schedules.dead_letter_retention_schedule,
     ],
     sensors=[
         rollup_sensors.late_telemetry_sensor,

@@ -5,13 +5,17 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
+import dagster as dg
 import orjson
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
-from iiot_orchestration import migrate
+from assets.dead_letters import NO_EXPIRED_DEAD_LETTERS, dead_letter_retention
+from iiot_orchestration import dead_letters, migrate
 from iiot_orchestration.db import connect
+from iiot_orchestration.definitions import defs
+from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import SettingsError, load_settings
 from iiot_orchestration.storage import storage_for
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
@@ -275,3 +279,52 @@ def test_throttle_and_retention_settings_name_the_variable(raw):
         10,
         30,
     )
+
+
+def insert_letter(conn, received_at, *, mac=None, reason="unknown_device", payload=b"{}"):
+    conn.execute(
+        "INSERT INTO dead_letters (received_at, topic, mac, reason, detail, payload, payload_size)"
+        " VALUES (%s, %s, %s, %s, '', %s, %s)",
+        (received_at, f"iiot/devices/{mac}/telemetry", mac, reason, payload, len(payload)),
+    )
+
+
+def materialize_retention(database_url):
+    return dg.materialize(
+        [dead_letter_retention],
+        resources={"postgres": PostgresResource(database_url=database_url)},
+    )
+
+
+def test_retention_deletes_what_is_older_than_the_setting_in_batches(
+    conn, database_url, monkeypatch
+):
+    monkeypatch.setenv("IIOT_DEAD_LETTER_RETENTION_DAYS", "7")
+    monkeypatch.setattr(dead_letters, "EXPIRE_BATCH_ROWS", 3)
+    now = datetime.now(UTC)
+    hostile = b"'); DROP TABLE dead_letters; --" + b"\x00\xff" * 1000
+    for days in range(8, 18):  # ten expired, several batches
+        insert_letter(conn, now - timedelta(days=days), payload=hostile)
+    for days in (0, 1, 6):
+        insert_letter(conn, now - timedelta(days=days, hours=12))
+    insert_letter(conn, now - timedelta(days=6, hours=23))  # just inside
+    result = materialize_retention(database_url)
+    metadata = result.asset_materializations_for_node("dead_letter_retention")[0].metadata
+    assert metadata["deleted"].value == 10
+    assert metadata["kept"].value == 4
+    [check] = result.get_asset_check_evaluations()
+    assert (check.check_name, check.passed) == (NO_EXPIRED_DEAD_LETTERS, True)
+    assert count(conn, "dead_letters") == 4
+    again = materialize_retention(database_url)  # nothing more to do
+    assert (
+        again.asset_materializations_for_node("dead_letter_retention")[0].metadata["deleted"].value
+        == 0
+    )
+
+
+def test_retention_is_scheduled_daily_in_the_definitions():
+    repository = defs.get_repository_def()
+    assert dg.AssetKey("dead_letter_retention") in repository.asset_graph.get_all_asset_keys()
+    [schedule] = [s for s in defs.schedules if s.name == "dead_letter_retention_schedule"]
+    assert schedule.cron_schedule == "45 0 * * *"
+    assert schedule.job.name == "dead_letter_retention_job"

@@ -151,6 +151,63 @@ SELECT received_at, topic, mac, tenant_id, device_id, reason, detail, payload, p
        payload_truncated
   FROM dead_letter_staging
 
+-- name: expire_dead_letters
+-- One batch of the dead letters received before the cutoff (the dead_letter_retention asset);
+-- those a replay holds are left for the next run.
+DELETE FROM dead_letters
+ WHERE dead_letter_id IN (SELECT dead_letter_id FROM dead_letters
+                           WHERE received_at < %(cutoff)s
+                           ORDER BY received_at
+                           LIMIT %(batch_rows)s
+                             FOR UPDATE SKIP LOCKED)
+
+-- name: find_dead_letters
+-- `iiot dead-letters list`. A tenant's dead letters include those that came with no tenant from
+-- a MAC it owns now (sent before the device was registered).
+SELECT l.dead_letter_id, l.received_at, t.slug AS tenant, l.mac::text AS mac, l.device_id,
+       l.reason, l.detail, l.topic, l.payload, l.payload_size, l.payload_truncated
+  FROM dead_letters l
+  LEFT JOIN tenants t ON t.tenant_id = l.tenant_id
+ WHERE (%(tenant_id)s::integer IS NULL OR l.tenant_id = %(tenant_id)s
+        OR (l.tenant_id IS NULL
+            AND l.mac IN (SELECT mac FROM devices WHERE tenant_id = %(tenant_id)s)))
+   AND (%(reasons)s::text[] IS NULL OR l.reason = ANY(%(reasons)s::text[]))
+   AND (%(since)s::timestamptz IS NULL OR l.received_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR l.received_at < %(until)s)
+ ORDER BY l.received_at, l.dead_letter_id
+ LIMIT %(limit)s
+
+-- name: count_dead_letters
+-- What a replay will look at (find_dead_letters' filters), up to the newest at its start.
+SELECT count(*)
+  FROM dead_letters l
+ WHERE l.dead_letter_id <= %(last)s
+   AND (%(tenant_id)s::integer IS NULL OR l.tenant_id = %(tenant_id)s
+        OR (l.tenant_id IS NULL
+            AND l.mac IN (SELECT mac FROM devices WHERE tenant_id = %(tenant_id)s)))
+   AND (%(reasons)s::text[] IS NULL OR l.reason = ANY(%(reasons)s::text[]))
+   AND (%(since)s::timestamptz IS NULL OR l.received_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR l.received_at < %(until)s)
+
+-- name: replay_dead_letters
+-- The next chunk of a replay, locked until its transaction ends; another replay skips it.
+SELECT l.dead_letter_id, l.received_at, l.topic, l.mac::text, l.reason, l.payload,
+       l.payload_truncated
+  FROM dead_letters l
+ WHERE l.dead_letter_id > %(after)s AND l.dead_letter_id <= %(last)s
+   AND (%(tenant_id)s::integer IS NULL OR l.tenant_id = %(tenant_id)s
+        OR (l.tenant_id IS NULL
+            AND l.mac IN (SELECT mac FROM devices WHERE tenant_id = %(tenant_id)s)))
+   AND (%(reasons)s::text[] IS NULL OR l.reason = ANY(%(reasons)s::text[]))
+   AND (%(since)s::timestamptz IS NULL OR l.received_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR l.received_at < %(until)s)
+ ORDER BY l.dead_letter_id
+ LIMIT %(rows)s
+   FOR UPDATE OF l SKIP LOCKED
+
+-- name: delete_replayed_dead_letters
+DELETE FROM dead_letters WHERE dead_letter_id = ANY(%(ids)s::bigint[])
+
 -- name: ingest_registry
 SELECT d.mac::text, d.device_id, d.tenant_id, d.status,
        coalesce(array_agg(m.metric) FILTER (WHERE m.metric IS NOT NULL), '{}') AS metrics,
