@@ -50,6 +50,13 @@ def _text(value: Any) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return _text(record.getMessage())
+    except Exception:  # arguments that do not fit the format: show both rather than nothing
+        return f"{_text(record.msg)} (arguments: {_text(record.args)})"
+
+
 def _plain(value: Any) -> Any:
     """``value`` as JSON can hold it."""
     if value is None or isinstance(value, bool | int | str):
@@ -61,7 +68,7 @@ def _plain(value: Any) -> Any:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = _one_line(_text(record.getMessage()))
+        message = _one_line(_message(record))
         head = (
             f"{_timestamp(record)} {record.levelname} {record.processName}[{record.process}] "
             f"{record.name}: {message}"
@@ -96,7 +103,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "process": record.processName,
             "pid": record.process,
-            "message": _text(record.getMessage()),
+            "message": _message(record),
         }
         for key, value in extras(record).items():
             key = _text(key)

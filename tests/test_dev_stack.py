@@ -160,7 +160,8 @@ def start_dev(env: dict[str, str], *args: str) -> tuple[subprocess.Popen, queue.
         start_new_session=True,
     )
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    process.reader = threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True)
+    process.reader.start()
     return process, lines, []
 
 
@@ -173,9 +174,10 @@ def ctrl_c(process: subprocess.Popen, lines: queue.Queue, seen: list[str]) -> in
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    while wait_for(lines, seen, "\0", 5):  # the rest of its output
-        pass
-    process.stdout.close()
+    wait_for(lines, seen, "\0", 5)  # the rest of its output, up to the end of the pipe
+    process.reader.join(10)
+    if not process.reader.is_alive():  # closing the pipe under a reading thread would race
+        process.stdout.close()
     return process.returncode
 
 
