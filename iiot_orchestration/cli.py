@@ -602,6 +602,7 @@ from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command 
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
+from iiot_orchestration.cli_dead_letters import dead_letters_group  # noqa: E402
 from iiot_orchestration.cli_pki import issue_cert_command, pki_group, revoke_command  # noqa: E402
 from iiot_orchestration.cli_report import report_command  # noqa: E402
 
@@ -615,6 +616,7 @@ main.add_command(pki_group)
 devices.add_command(revoke_command)
 devices.add_command(issue_cert_command)
 main.add_command(archive_group)
+main.add_command(dead_letters_group)
 tenants.add_command(tenants_delete_command)
 
 if __name__ == "__main__":  # pragma: no cover

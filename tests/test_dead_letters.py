@@ -1,6 +1,7 @@
 """Dead letters: device named on too_large, conflicting duplicates, the unknown-device throttle,
 retention, and `iiot dead-letters list|replay`."""
 
+import json
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -10,9 +11,11 @@ import orjson
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from assets.dead_letters import NO_EXPIRED_DEAD_LETTERS, dead_letter_retention
-from iiot_orchestration import dead_letters, migrate
+from iiot_orchestration import dead_letters, migrate, registry
+from iiot_orchestration.cli import main
 from iiot_orchestration.db import connect
 from iiot_orchestration.definitions import defs
 from iiot_orchestration.resources import PostgresResource
@@ -328,3 +331,203 @@ def test_retention_is_scheduled_daily_in_the_definitions():
     [schedule] = [s for s in defs.schedules if s.name == "dead_letter_retention_schedule"]
     assert schedule.cron_schedule == "45 0 * * *"
     assert schedule.job.name == "dead_letter_retention_job"
+
+
+@pytest.fixture
+def iiot(database_url, monkeypatch):
+    """Run `iiot ...` against the test's database."""
+    monkeypatch.setenv("IIOT_DATABASE_URL", database_url)
+
+    def invoke(*args):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def register_late(conn):
+    """Tenant acme exists; its device publishes before it is registered (an hour late)."""
+    registry.create_tenant(conn, slug="acme", name="Acme", plan="pro", timezone="UTC")
+
+
+def test_a_device_registered_an_hour_late_replays_once(conn, database_url, writer, iiot):
+    register_late(conn)
+    arrived = NOW - timedelta(hours=1)
+    good = [(TOPIC, one((arrived - timedelta(minutes=m)).isoformat(), float(m))) for m in (1, 2)]
+    partly = orjson.dumps(
+        {"ts": arrived.isoformat(), "metrics": {"power_w": 5.0, "no_such_metric": 1.0}}
+    )
+    still_bad = one(arrived.isoformat(), 1.0, metric="no_such_metric")
+    judge_and_write(conn, writer, [*good, (TOPIC, partly), (TOPIC, still_bad)], received_at=arrived)
+    insert_letter(conn, arrived, mac=MAC, payload=b'{"ts": "2026-')  # cut when stored
+    conn.execute(
+        "UPDATE dead_letters SET payload_truncated = true WHERE payload = %s", (b'{"ts": "2026-',)
+    )
+    assert [r[0] for r in letters(conn)] == ["unknown_device"] * 5
+    registry.provision_devices(conn, "acme", [registry.DeviceRequest(MAC, "energy")])
+
+    listed = iiot("dead-letters", "list", "--tenant", "acme", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert len(json.loads(listed.output)) == 5  # no tenant on them, but acme owns the MAC now
+
+    before = letters(conn, "dead_letter_id, reason, payload")
+    dry = iiot("dead-letters", "replay", "--tenant", "acme", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "unknown_device: would land 1 reading\n" in dry.output
+    assert "Nothing was changed" in dry.output
+    assert (count(conn, "telemetry"), letters(conn, "dead_letter_id, reason, payload")) == (
+        0,
+        before,
+    )
+
+    result = iiot("dead-letters", "replay", "--tenant", "acme")
+    assert result.exit_code == 0, result.output
+    assert (
+        "5 dead letters judged: 3 replay (3 readings land, 0 already stored, 1 refused parts "
+        "stay as new dead letters); 1 still refused and kept (unknown_metric 1); 1 truncated"
+    ) in result.output
+    assert "still refused (unknown_metric)" in result.output
+    assert "cannot be replayed" in result.output
+    rows = conn.execute(
+        "SELECT metric, value, received_at FROM telemetry ORDER BY metric, ts"
+    ).fetchall()
+    assert rows == [
+        ("energy_kwh", 2.0, arrived),
+        ("energy_kwh", 1.0, arrived),
+        ("power_w", 5.0, arrived),
+    ]
+    assert {r[2] for r in rows} == {arrived}  # the time it came, for usage and billing
+    usage = conn.execute(
+        "SELECT hour, sum(messages), sum(readings) FROM ingest_usage GROUP BY hour"
+    )
+    assert usage.fetchall() == [(arrived.replace(minute=0), 3, 3)]
+    left = letters(conn, "reason, payload_truncated, tenant_id IS NULL")
+    assert sorted(left) == [
+        ("unknown_device", False, True),  # the message still refused as a whole stays as it was
+        ("unknown_device", True, True),  # truncated
+        ("unknown_metric", False, False),  # the refused part of the message that landed
+    ]
+
+    after = letters(conn, "dead_letter_id, reason, payload")
+    again = iiot("dead-letters", "replay", "--tenant", "acme")
+    assert again.exit_code == 0, again.output
+    assert "0 replay (0 readings land" in again.output
+    assert count(conn, "telemetry") == 3
+    assert letters(conn, "dead_letter_id, reason, payload") == after
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "is not an ISO date or time"),
+        (["--since", "2026-12-01'; DROP TABLE dead_letters;--"], "is not an ISO date or time"),
+        (["--until", "9" * 5000], "is not an ISO date or time"),
+        (["--since", "2026-13-45"], "is not an ISO date or time"),
+        (["--since", "2026-12-02", "--until", "2026-12-01"], "is not after --since"),
+        (["--reason", "x' OR '1'='1"], "is not one of"),
+        (["--reason", ""], "is not one of"),
+        (["--limit", "0"], "0 is not in the range"),
+        (["--limit", "9" * 40], "is not in the range"),
+        (["--limit", "ten"], "is not a valid integer"),
+    ],
+)
+@pytest.mark.parametrize("command", ["list", "replay"])
+def test_malformed_and_hostile_filters_are_usage_errors(conn, iiot, command, args, message):
+    insert_letter(conn, NOW, mac=MAC)
+    result = iiot("dead-letters", command, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert count(conn, "dead_letters") == 1
+
+
+@pytest.mark.parametrize("slug", ["nobody", "'; DROP TABLE tenants;--", "x" * 10_000])
+def test_an_unknown_tenant_is_one_line_of_error(conn, iiot, slug):
+    result = iiot("dead-letters", "replay", "--tenant", slug)
+    assert result.exit_code == 1, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith("error: unknown tenant")
+    assert len(line) < 200
+    assert count(conn, "tenants") == 0
+
+
+def test_list_filters_and_json_with_binary_payloads(conn, iiot):
+    insert_letter(conn, NOW - timedelta(days=2), mac=MAC, payload=b"\x00\xff\x1b[31m")
+    insert_letter(conn, NOW - timedelta(hours=1), mac=MAC, reason="malformed_json", payload=b"{")
+    insert_letter(conn, NOW, mac=None, reason="topic_mismatch", payload=b"{}")
+    listed = json.loads(iiot("dead-letters", "list", "--json").output)
+    assert [(r["reason"], r["payload_encoding"]) for r in listed] == [
+        ("unknown_device", "base64"),
+        ("malformed_json", "utf-8"),
+        ("topic_mismatch", "utf-8"),
+    ]
+    since = (NOW - timedelta(days=1)).date().isoformat()
+    recent = json.loads(iiot("dead-letters", "list", "--json", "--since", since).output)
+    assert [r["reason"] for r in recent] == ["malformed_json", "topic_mismatch"]
+    until = (NOW - timedelta(minutes=30)).isoformat()
+    older = iiot("dead-letters", "list", "--until", until, "--reason", "unknown_device")
+    assert older.exit_code == 0, older.output
+    assert "\x1b" not in older.output
+    assert older.output.splitlines()[-1] == "1 dead letters"
+    limited = json.loads(iiot("dead-letters", "list", "--json", "--limit", "2").output)
+    assert len(limited) == 2
+
+
+def test_replay_of_readings_stored_since_same_or_other_value(conn, writer, iiot):
+    """A dead letter whose reading was stored since with the same value is done with; one
+    whose reading was stored with another value stays, now a conflict."""
+    register_late(conn)
+    arrived = NOW - timedelta(hours=1)
+    same, other = (arrived - timedelta(minutes=1)).isoformat(), arrived.isoformat()
+    messages = [(TOPIC, one(same, 1.0)), (TOPIC, one(same, 1.0)), (TOPIC, one(other, 2.0))]
+    judge_and_write(conn, writer, messages, received_at=arrived)
+    registry.provision_devices(conn, "acme", [registry.DeviceRequest(MAC, "energy")])
+    judge_and_write(conn, writer, [(TOPIC, one(same, 1.0)), (TOPIC, one(other, 3.0))])
+    result = iiot("dead-letters", "replay")
+    assert result.exit_code == 0, result.output
+    assert "2 replay (0 readings land, 2 already stored)" in result.output
+    assert "still refused and kept (conflicting_duplicate 1)" in result.output
+    assert letters(conn, "reason, payload") == [("unknown_device", one(other, 2.0))]
+    assert stored(conn) == [
+        ("energy_kwh", arrived - timedelta(minutes=1), 1.0),
+        ("energy_kwh", arrived, 3.0),
+    ]
+
+
+def test_rate_limited_dead_letters_only_when_named(conn, iiot):
+    provision(conn)
+    insert_letter(conn, NOW, mac=MAC, reason="rate_limited", payload=one(NOW.isoformat(), 1.0))
+    result = iiot("dead-letters", "replay")
+    assert "1 rate_limited dead letters were left alone" in result.output
+    assert count(conn, "telemetry") == 0
+    named = iiot("dead-letters", "replay", "--reason", "rate_limited")
+    assert "1 replay (1 readings land" in named.output
+    assert (count(conn, "telemetry"), count(conn, "dead_letters")) == (1, 0)
+
+
+def test_concurrent_replays_land_each_reading_once(conn, database_url, writer):
+    register_late(conn)
+    arrived = NOW - timedelta(hours=1)
+    messages = [
+        (TOPIC, one((arrived - timedelta(seconds=s)).isoformat(), float(s))) for s in range(300)
+    ]
+    unthrottled = Limits(unknown_device_per_minute=1_000)
+    judge_and_write(conn, writer, messages, unthrottled, received_at=arrived)
+    registry.provision_devices(conn, "acme", [registry.DeviceRequest(MAC, "energy")])
+    runs = []
+
+    def replay():
+        with connect(database_url, autocommit=True, role="platform_rw") as own:
+            runs.append(
+                dead_letters.replay(own, dead_letters.Filters(), prefix="iiot", chunk_rows=7)
+            )
+
+    threads = [threading.Thread(target=replay) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sum(run.deleted for run in runs) == 300
+    assert sum(run.landed for run in runs) == 300
+    assert (count(conn, "telemetry"), count(conn, "dead_letters")) == (300, 0)
+    usage = conn.execute("SELECT sum(messages), sum(readings) FROM ingest_usage").fetchone()
+    assert usage == (300, 300)
