@@ -531,3 +531,32 @@ def test_concurrent_replays_land_each_reading_once(conn, database_url, writer):
     assert (count(conn, "telemetry"), count(conn, "dead_letters")) == (300, 0)
     usage = conn.execute("SELECT sum(messages), sum(readings) FROM ingest_usage").fetchone()
     assert usage == (300, 300)
+
+
+def test_replay_refuses_what_left_retention_and_survives_hostile_payloads(conn, iiot):
+    provision(conn)
+    conn.execute("UPDATE tenants SET retention_days = 30")
+    long_ago = NOW - timedelta(days=40)
+    insert_letter(conn, long_ago, mac=MAC, payload=one(long_ago.isoformat(), 1.0))
+    hostile = [
+        b"'; DELETE FROM telemetry; --",
+        b"\x00\xff" * 100,
+        b'{"ts": "' + b"9" * 10_000 + b'", "metrics": {"energy_kwh": 1}}',
+        b'{"readings": [' + b"{}," * 2_000 + b"{}]}",
+        b"[" * 5_000,
+    ]
+    for payload in hostile:
+        insert_letter(conn, NOW, mac=MAC, payload=payload)
+    before = letters(conn, "dead_letter_id, reason, payload")
+    result = iiot("dead-letters", "replay")
+    assert result.exit_code == 0, result.output
+    assert "0 replay (0 readings land" in result.output
+    # fine when it came, not any more
+    assert result.output.splitlines()[0].endswith(
+        "unknown_device: kept, still refused (bad_timestamp)"
+    )
+    assert "(bad_timestamp 2, malformed_json 3, too_large 1)" in result.output
+    assert (count(conn, "telemetry"), letters(conn, "dead_letter_id, reason, payload")) == (
+        0,
+        before,
+    )
