@@ -120,16 +120,15 @@ class Judge:
         rejections = verdict.rejections
         readings = verdict.readings
         overage = False
-        if device is None and rejections and self.quotas:
-            if not self.unknown.allow(verdict.mac or topic[:200], received_at):
+        if device is None:
+            if (
+                rejections
+                and self.quotas
+                and not self.unknown.allow(verdict.mac or topic[:200], received_at)
+            ):
                 judged.throttled += 1
                 rejections = []
-        elif (
-            readings
-            and self.quotas
-            and device is not None
-            and not self.buckets.take(device, time.monotonic())
-        ):
+        elif readings and self.quotas and not self.buckets.take(device, time.monotonic()):
             if device.hard_block:
                 rejections = [
                     *rejections,
