@@ -71,6 +71,21 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
+# PUBACK reasons that mean "not delivered, send again later": no subscriber matched (0x10, e.g.
+# Mosquitto just restarted and the platform has not subscribed again yet) and transient failures
+# (unspecified, implementation specific, server busy, quota exceeded). The same rule as
+# iiot_orchestration.mqtt.publish_outcome; the agent runs on a gateway without the platform.
+_RETRY_REASONS = frozenset({0x10, 0x80, 0x83, 0x89, 0x97})
+
+
+def _publish_outcome(reason: Any) -> str:
+    if reason is None:
+        return "delivered"
+    if reason.value in _RETRY_REASONS:
+        return "retry"
+    return "refused" if reason.is_failure else "delivered"
+
+
 class AgentError(Exception):
     """The agent cannot start: missing or unreadable state, bad configuration."""
 
@@ -384,7 +399,13 @@ class _Session:
             return False
         with self._lock:
             reason = self._settled.pop(info.mid, None)
-        if reason is not None and reason.is_failure:
+        outcome = _publish_outcome(reason)
+        if outcome == "retry":
+            # no subscriber yet (Mosquitto just restarted) or a transient failure: the reading
+            # stays in the store-and-forward buffer and goes again with the next flush
+            log.warning("the broker did not deliver a message on %s: %s", topic, reason)
+            return False
+        if outcome == "refused":
             log.error("the broker refused a message on %s: %s", topic, reason)
             return False
         return True

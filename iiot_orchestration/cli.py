@@ -346,6 +346,14 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     help="Shared-subscription group; also the client id prefix.",
 )
 @click.option(
+    "--slots",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Slots of the group in all, on every host [default: --processes, or --slot + 1]. "
+    "With more than one, "
+    "IIOT_MQTT_SHARED_SUBSCRIPTION=auto subscribes to the shared form.",
+)
+@click.option(
     "--batch-rows",
     type=click.IntRange(1, 1_000_000),
     default=5_000,
@@ -400,6 +408,7 @@ def ingest_command(
     processes: int,
     slot: int,
     group: str,
+    slots: int | None,
     batch_rows: int,
     batch_age_ms: int,
     metrics_port: int,
@@ -422,10 +431,18 @@ def ingest_command(
         raise click.UsageError(
             "IIOT_MQTT_URL is not set: expected mqtt://host:port or mqtts://host:port"
         )
-    if processes > 1 and not settings.mqtt_shared_subscription:
+    slots = slots or max(processes, slot + 1)
+    if slots < processes or slot >= slots:
         raise click.UsageError(
-            "IIOT_MQTT_SHARED_SUBSCRIPTION=off gives every process every message: "
-            "run one process (--processes 1)"
+            f"--slots {slots} is fewer than the group's slots 0..{max(processes - 1, slot)}"
+        )
+    shared = settings.mqtt_shared_subscription
+    if shared is None:  # auto: the plain filter, which a broker restart keeps, for one slot
+        shared = slots > 1
+    if slots > 1 and not shared:
+        raise click.UsageError(
+            "IIOT_MQTT_SHARED_SUBSCRIPTION=off gives every slot every message: "
+            "run one slot (--processes 1, --slots 1)"
         )
     check_options(MqttOptions.from_settings(settings))  # wrong TLS files: one error, not N
     database_url = settings.require_database_url()
@@ -433,6 +450,8 @@ def ingest_command(
         options = [
             "--group",
             group,
+            "--slots",
+            str(slots),
             "--batch-rows",
             str(batch_rows),
             "--batch-age-ms",
@@ -470,7 +489,8 @@ def ingest_command(
         mqtt_ca_file=settings.mqtt_ca_file,
         mqtt_cert_file=settings.mqtt_cert_file,
         mqtt_key_file=settings.mqtt_key_file,
-        shared_subscription=settings.mqtt_shared_subscription,
+        shared_subscription=shared,
+        slots=slots,
         writer_process=writer_process,
         limits=Limits(unknown_device_per_minute=settings.unknown_device_dead_letters_per_minute),
     )
@@ -603,6 +623,7 @@ from iiot_orchestration.cli_archive import archive_group, tenants_delete_command
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
 from iiot_orchestration.cli_dead_letters import dead_letters_group  # noqa: E402
+from iiot_orchestration.cli_ingest_sessions import ingest_sessions_group  # noqa: E402
 from iiot_orchestration.cli_pki import issue_cert_command, pki_group, revoke_command  # noqa: E402
 from iiot_orchestration.cli_report import report_command  # noqa: E402
 
@@ -617,6 +638,7 @@ devices.add_command(revoke_command)
 devices.add_command(issue_cert_command)
 main.add_command(archive_group)
 main.add_command(dead_letters_group)
+main.add_command(ingest_sessions_group)
 tenants.add_command(tenants_delete_command)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -123,6 +123,14 @@ def _switch(raw: str) -> bool:
     return value == "on"
 
 
+def _auto_switch(raw: str) -> bool | None:
+    """``auto`` is None: the code that reads it decides."""
+    value = raw.strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise ValueError("must be auto, on or off")
+    return None if value == "auto" else value == "on"
+
+
 def _memory_size(raw: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", raw):
         raise ValueError("must be a whole number followed by kB, MB or GB")
@@ -231,11 +239,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "IIOT_MQTT_SHARED_SUBSCRIPTION",
-        "on",
-        "on or off",
-        "`on`: ingest subscribes to `$share/<group>/...`. `off`: to the plain topic filter, for "
-        "one ingest process on a broker without shared subscriptions (amqtt).",
-        _switch,
+        "auto",
+        "auto, on or off",
+        "`auto`: the plain topic filter when the ingest group has one slot, "
+        "`$share/<group>/...` when it has more (a broker restart then loses nothing on "
+        "Mosquitto, which restores plain subscriptions only). `on`: always shared. `off`: "
+        "always plain, for one ingest process on a broker without shared subscriptions (amqtt).",
+        _auto_switch,
     ),
     Variable(
         "IIOT_TOPIC_PREFIX",
@@ -518,7 +528,7 @@ class Settings:
     mqtt_ca_file: Path | None
     mqtt_cert_file: Path | None
     mqtt_key_file: Path | None
-    mqtt_shared_subscription: bool
+    mqtt_shared_subscription: bool | None  # None: auto (shared when the group has 2+ slots)
     topic_prefix: str
     storage: StorageMode
     data_dir: Path
@@ -687,7 +697,9 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_MQTT_CA_FILE": settings.mqtt_ca_file,
         "IIOT_MQTT_CERT_FILE": settings.mqtt_cert_file,
         "IIOT_MQTT_KEY_FILE": settings.mqtt_key_file,
-        "IIOT_MQTT_SHARED_SUBSCRIPTION": "on" if settings.mqtt_shared_subscription else "off",
+        "IIOT_MQTT_SHARED_SUBSCRIPTION": {None: "auto", True: "on", False: "off"}[
+            settings.mqtt_shared_subscription
+        ],
         "IIOT_TOPIC_PREFIX": settings.topic_prefix,
         "IIOT_STORAGE": settings.storage,
         "IIOT_DATA_DIR": settings.data_dir,

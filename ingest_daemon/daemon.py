@@ -44,6 +44,7 @@ from iiot_orchestration.mqtt import (
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
+from ingest_daemon.sessions import SessionInfo, SessionRecorder
 from ingest_daemon.validation import DEFAULT_LIMITS, Limits
 from ingest_daemon.worker import (
     ProcessWriter,
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 _PUBACK = struct.Struct("!BBH")
 PIPELINE_DEPTH = 2  # batches sent to the writer process before the oldest one's answer
 READ_PAUSE_S = 0.002
+# paho's delay between reconnection attempts, fixed: after a broker restart the slot is back and
+# subscribed about a second later (Mosquitto forgets shared subscriptions over a restart and
+# answers publishes that match nothing else with "no matching subscribers" until then)
+RECONNECT_DELAY_S = 1
 # at start, the wait for the database and for the broker: 0.5 s doubling to 10 s between tries
 START_RETRY_S = 0.5
 START_RETRY_MAX_S = 10.0
@@ -116,6 +121,12 @@ class IngestConfig:
     # judge and commit in a writer process beside the receiving one (ingest_daemon.worker), so
     # that paho's thread has the interpreter to itself; `iiot ingest` turns it on
     writer_process: bool = False
+    # slots of the group in all (for the session record's check of stale slots)
+    slots: int = 1
+    # drain: subscribe to nothing (and remove both subscriptions from the session), land what
+    # the session holds, and stop once nothing has arrived for this many seconds
+    drain_idle_s: float | None = None
+    record_session: bool = True  # keep the slot's row in ingest_sessions up to date
 
     @property
     def client_id(self) -> str:
@@ -123,8 +134,18 @@ class IngestConfig:
 
     @property
     def subscription(self) -> str:
+        return self.subscriptions[0 if self.shared_subscription else 1]
+
+    @property
+    def subscriptions(self) -> tuple[str, str]:
+        """The shared and the plain form of the telemetry subscription."""
         topics = f"{self.prefix}/devices/+/telemetry"
-        return f"$share/{self.group}/{topics}" if self.shared_subscription else topics
+        return f"$share/{self.group}/{topics}", topics
+
+    @property
+    def other_subscription(self) -> str:
+        """The form this slot does not use, removed from its session at every connection."""
+        return self.subscriptions[1 if self.shared_subscription else 0]
 
     @property
     def mqtt_options(self) -> MqttOptions:
@@ -213,6 +234,11 @@ class IngestDaemon:
         )
         self.metrics = IngestMetrics()
         self.http: ThreadingHTTPServer | None = None
+        self._broker_lost_at: float | None = None  # monotonic time the connection was lost
+        self._database_lost_at: float | None = None
+        self._closing = False  # our own disconnect: not a lost connection
+        self.drained = False  # drain mode: stopped because nothing more arrived
+        self._session: SessionRecorder | None = None
 
     def ready(self) -> bool:
         """Subscribed to the broker and able to commit to the database."""
@@ -246,7 +272,22 @@ class IngestDaemon:
         if getattr(reason, "is_failure", False):
             log.error("broker refused the connection", extra={"reason": str(reason)})
             return
+        if self.config.drain_idle_s is not None:
+            # what the session holds arrives anyway; nothing new is routed to it after this
+            client.unsubscribe(list(self.config.subscriptions))
+            return
         client.subscribe(self.config.subscription, qos=1)
+        # a session subscribed in the other form before (the slot count or
+        # IIOT_MQTT_SHARED_SUBSCRIPTION changed) would receive every message twice; removed after
+        # the new one is in place, so no message falls between the two (one that matches both
+        # meanwhile lands once: identical readings are duplicates)
+        client.unsubscribe(self.config.other_subscription)
+
+    def _on_unsubscribe(
+        self, _c: mqtt.Client, _u: object, _mid: int, _reasons: object, _p: object = None
+    ) -> None:
+        if self.config.drain_idle_s is not None and not self.connected.is_set():
+            self._back_online("unsubscribed to drain")
 
     def _on_subscribe(
         self, _c: mqtt.Client, _u: object, _mid: int, reasons: list[mqtt.ReasonCode], _p: object
@@ -264,20 +305,49 @@ class IngestDaemon:
                 extra={"subscription": self.config.subscription},
             )
             return
+        self._back_online("subscribed")
+
+    def _back_online(self, what: str) -> None:
         self.connected.set()
         self.metrics.broker_connected.set(1)
-        log.info("subscribed", extra={"subscription": self.config.subscription})
+        if self._broker_lost_at is None:
+            log.info(what, extra={"subscription": self.config.subscription})
+        else:
+            log.info(
+                "broker connection back after %.1f s; %s",
+                time.monotonic() - self._broker_lost_at,
+                what,
+                extra={"subscription": self.config.subscription},
+            )
+            self._broker_lost_at = None
+        if self._session is not None:
+            self._session.note("connected")
 
-    def _on_disconnect(self, *_args: object) -> None:
+    def _on_disconnect(
+        self, _c: object, _u: object, _f: object = None, reason: object = None, _p: object = None
+    ) -> None:
         self.connected.clear()
         self.metrics.broker_connected.set(0)
+        if self._closing or self._broker_lost_at is not None:
+            return
+        self._broker_lost_at = time.monotonic()
+        self.metrics.broker_losses.inc()
+        log.warning(
+            "lost the broker connection (%s); reconnecting every %d s",
+            reason,
+            RECONNECT_DELAY_S,
+            extra={"broker": self.config.mqtt_options.shown_url},
+        )
+        if self._session is not None:
+            self._session.note("disconnected")
 
     def _prepare(self, client: BufferedClient) -> None:
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_unsubscribe = self._on_unsubscribe
+        client.reconnect_delay_set(min_delay=RECONNECT_DELAY_S, max_delay=RECONNECT_DELAY_S)
         # a steady trickle is read in groups: far fewer wake-ups, 2 ms more latency at most
         client.read_pause_s = READ_PAUSE_S
 
@@ -360,6 +430,13 @@ class IngestDaemon:
         database stays unavailable for ``stop_timeout_s`` after the stop, give up and leave the
         rest unacknowledged (``counters.unacknowledged``): the broker delivers it again."""
         self._stop = stop
+        if self.config.record_session:
+            self._session = SessionRecorder(self.config.database_url, self._session_info())
+            self._session.start()
+        if self.config.drain_idle_s is not None:
+            threading.Thread(
+                target=self._stop_when_idle, args=(stop,), name="drain-idle", daemon=True
+            ).start()
         if self.config.metrics_port is not None:
             self.http = serve(
                 self.metrics, self.config.metrics_port, self.ready, self.config.metrics_host
@@ -381,9 +458,12 @@ class IngestDaemon:
                 extra={"messages": self.counters.unacknowledged},
             )
         finally:
+            self._closing = True
             if client is not None:
                 client.loop_stop()
                 client.disconnect()
+            if self._session is not None:
+                self._session.close("stopped")
             if self.registry is not None:
                 self.registry.stop()
             self._close_writer()
@@ -394,6 +474,30 @@ class IngestDaemon:
                 self.http.server_close()
         log.info("ingest stopped", extra={"landed": self.counters.landed})
         return self.counters
+
+    def _session_info(self) -> SessionInfo:
+        config = self.config
+        return SessionInfo(
+            config.client_id,
+            config.group,
+            config.slot,
+            "(draining)" if config.drain_idle_s is not None else config.subscription,
+            config.session_expiry_s,
+            config.slots,
+            check_stale=config.drain_idle_s is None and config.slot == 0,
+        )
+
+    def _stop_when_idle(self, stop: threading.Event) -> None:
+        """Drain mode: stop once unsubscribed and nothing has arrived for ``drain_idle_s``."""
+        seen, since = -1, time.monotonic()
+        while not stop.wait(0.1):
+            received = self.counters.received
+            if received != seen or not self.connected.is_set():
+                seen, since = received, time.monotonic()
+            elif time.monotonic() - since >= self.config.drain_idle_s:
+                log.info("nothing arrived for %g s: drained", self.config.drain_idle_s)
+                self.drained = True
+                stop.set()
 
     def _consume(self) -> None:
         """Commit sealed batches, and the open one once it is old enough or we are stopping.
@@ -517,6 +621,13 @@ class IngestDaemon:
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 # keep the batch, acknowledge nothing, and let the queue fill: backpressure
                 self.metrics.database_connected.set(0)
+                if self._database_lost_at is None:
+                    self._database_lost_at = time.monotonic()
+                    self.metrics.database_losses.inc()
+                    log.warning(
+                        "lost the database: batches wait, unacknowledged, until it is back",
+                        extra={"error": str(exc)[:200]},
+                    )
                 log.warning(
                     "database unavailable; retrying the batch",
                     extra={"error": str(exc)[:200], "retry_in_s": delay},
@@ -526,6 +637,13 @@ class IngestDaemon:
                     raise ShutdownAbandoned(len(batch)) from exc
                 self._wait_to_retry(delay)
                 delay = min(delay * 2, 10.0)
+        if self._database_lost_at is not None:
+            log.info(
+                "database back after %.1f s",
+                time.monotonic() - self._database_lost_at,
+                extra={"batch_messages": len(batch)},
+            )
+            self._database_lost_at = None
         self._acknowledge(batch, written, started)
 
     def _acknowledge(self, batch: Batch, written: Written, started: float) -> None:

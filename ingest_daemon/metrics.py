@@ -58,6 +58,14 @@ class IngestMetrics:
         self.database_connected = Gauge(
             "iiot_ingest_database_connected", "0 while batches cannot be committed", registry=r
         )
+        self.broker_losses = Counter(
+            "iiot_ingest_broker_connection_lost", "Connections to the broker lost", registry=r
+        )
+        self.database_losses = Counter(
+            "iiot_ingest_database_connection_lost",
+            "Times the database stopped taking batches",
+            registry=r,
+        )
 
 
 def serve(

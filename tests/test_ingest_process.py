@@ -75,7 +75,7 @@ def create_session(database_url, broker, group, slot=0):
     thread.join(30)
 
 
-def start_ingest(database_url, broker, group, tmp_path, slot=0) -> subprocess.Popen:
+def start_ingest(database_url, broker, group, tmp_path, slot=0, slots=1) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env.update(
         IIOT_DATABASE_URL=database_url,
@@ -96,6 +96,8 @@ def start_ingest(database_url, broker, group, tmp_path, slot=0) -> subprocess.Po
             "0",
             "--slot",
             str(slot),
+            "--slots",
+            str(slots),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -159,7 +161,7 @@ def test_two_slots_one_killed_mid_stream_and_restarted(conn, database_url, inges
     group = f"g{uuid.uuid4().hex[:6]}"
     for slot in (0, 1):
         create_session(database_url, broker, group, slot)
-    slots = [start_ingest(database_url, broker, group, tmp_path, slot) for slot in (0, 1)]
+    slots = [start_ingest(database_url, broker, group, tmp_path, slot, 2) for slot in (0, 1)]
     publisher = publish_in_background(broker, stream(STREAM))
     try:
         assert wait_for(lambda: count(conn, "telemetry") >= STREAM // 4, timeout=120)
@@ -167,7 +169,7 @@ def test_two_slots_one_killed_mid_stream_and_restarted(conn, database_url, inges
         slots[1].communicate(timeout=60)
         publisher.join(120)
         # slot 1's session kept receiving its share while it was down; it gets it back now
-        slots[1] = start_ingest(database_url, broker, group, tmp_path, 1)
+        slots[1] = start_ingest(database_url, broker, group, tmp_path, 1, 2)
         assert wait_for(lambda: count(conn, "telemetry") >= STREAM, timeout=180)
         time.sleep(0.5)  # anything re-delivered after the last count would show up as extra
         assert_exactly_the_stream(conn, STREAM)

@@ -534,3 +534,27 @@ SELECT c.tenant_id, c.device_id, c.metric, c.bucket, c.readings, c.value_sum, c.
          GROUP BY tenant_id, device_id, metric, date_trunc('day', bucket, 'UTC')) h
     USING (tenant_id, device_id, metric, bucket)
  WHERE c.bucket >= %(start)s AND c.bucket < %(end)s
+
+-- name: record_ingest_session
+INSERT INTO ingest_sessions AS s (client_id, group_name, slot, subscription, host, pid,
+                                  session_expiry_s, state, started_at, last_seen_at, ended_at)
+VALUES (%(client_id)s, %(group)s, %(slot)s, %(subscription)s, %(host)s, %(pid)s,
+        %(session_expiry_s)s, %(state)s, now(), now(), NULL)
+ON CONFLICT (client_id) DO UPDATE
+   SET group_name = EXCLUDED.group_name, slot = EXCLUDED.slot,
+       subscription = EXCLUDED.subscription, host = EXCLUDED.host, pid = EXCLUDED.pid,
+       session_expiry_s = EXCLUDED.session_expiry_s, state = EXCLUDED.state,
+       started_at = CASE WHEN s.pid = EXCLUDED.pid AND s.host = EXCLUDED.host
+                         THEN s.started_at ELSE now() END,
+       last_seen_at = now(),
+       ended_at = CASE WHEN EXCLUDED.state = 'ended' THEN now() END
+
+-- name: ingest_sessions
+-- (group: NULL for every group) each slot's session, with when the broker forgets it
+SELECT client_id, group_name, slot, subscription, host, pid, state, started_at, last_seen_at,
+       CASE WHEN state = 'ended' THEN ended_at
+            ELSE last_seen_at + make_interval(secs => session_expiry_s) END AS expires_at,
+       now() - last_seen_at AS silent_for
+  FROM ingest_sessions
+ WHERE %(group)s::text IS NULL OR group_name = %(group)s
+ ORDER BY group_name, slot
