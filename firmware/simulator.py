@@ -281,7 +281,7 @@ class _Delivery:
         self.acknowledged = 0
         self.rejected = 0
         self.resent = 0
-        self._sent: dict[int, tuple[str, bytes]] = {}  # mid -> message, until settled
+        self._sent: dict[int, tuple[str, bytes] | None] = {}  # mid -> message (QoS 0: None)
         self._early: dict[int, mqtt.ReasonCode] = {}  # settled before publish() returned
         self.retry: list[tuple[float, str, bytes]] = []  # (when, topic, payload)
 
@@ -294,23 +294,24 @@ class _Delivery:
         properties: mqtt.Properties,
     ) -> None:
         with self.changed:
-            message = self._sent.pop(mid, None)
-            if message is None:
+            if mid not in self._sent:
                 self._early[mid] = reason_code
                 return
-            self._settle(mid, message, reason_code)
+            self._settle(mid, self._sent.pop(mid), reason_code)
 
-    def sent(self, mid: int, topic: str, payload: bytes) -> None:
-        """Remember the message behind ``mid`` (QoS 1 and 2) until the broker settles it."""
+    def sent(self, mid: int, topic: str, payload: bytes, qos: int) -> None:
+        """Remember the message behind ``mid`` until the broker settles it (a QoS 0 message is
+        settled once written: it has no acknowledgement to wait for, nor a second chance)."""
         with self.changed:
             reason = self._early.pop(mid, None)
+            message = (topic, payload) if qos else None
             if reason is None:
-                self._sent[mid] = (topic, payload)
+                self._sent[mid] = message
             else:
-                self._settle(mid, (topic, payload), reason)
+                self._settle(mid, message, reason)
 
-    def _settle(self, mid: int, message: tuple[str, bytes], reason: mqtt.ReasonCode) -> None:
-        outcome = publish_outcome(reason)
+    def _settle(self, mid: int, message: tuple[str, bytes] | None, reason: mqtt.ReasonCode) -> None:
+        outcome = "delivered" if message is None else publish_outcome(reason)
         if outcome == "retry":
             self.retry.append((time.monotonic() + RESEND_AFTER_S, *message))
             if len(self.retry) == 1:
@@ -400,8 +401,7 @@ def _publish(
     info = client.publish(topic, payload, qos=qos)
     # a QoS 1 or 2 message published while paho reconnects is queued and sent after it
     if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
-        if qos > 0:
-            delivery.sent(info.mid, topic, payload)
+        delivery.sent(info.mid, topic, payload, qos)
         return True
     with delivery.changed:
         delivery.published -= 1
@@ -413,7 +413,7 @@ def _resend(client: mqtt.Client, delivery: _Delivery, qos: int) -> None:
     """Send again what the broker did not deliver (already counted as published)."""
     for topic, payload in delivery.due():
         info = client.publish(topic, payload, qos=qos)
-        delivery.sent(info.mid, topic, payload)
+        delivery.sent(info.mid, topic, payload, qos)
 
 
 def _message_times(

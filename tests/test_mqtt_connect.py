@@ -6,7 +6,6 @@ The certificates are made per session with `cryptography`: a CA, a server certif
 
 import ipaddress
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -150,9 +149,7 @@ class TlsBroker:
 def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[TlsBroker]:
     """Mosquitto with the project's configuration plus a mutual-TLS listener."""
     port = free_port()
-    # run as root, Mosquitto switches to its own user, which cannot read pytest's private tmp
-    listener = "user root\n" if os.geteuid() == 0 else ""
-    listener += (
+    listener = (  # start_mosquitto runs it as us: it reads pytest's private tmp
         f"listener {port} 127.0.0.1\n"
         f"cafile {pki.ca}\n"
         f"certfile {pki.server_cert}\n"

@@ -26,6 +26,7 @@ from firmware.simulator import (
 )
 from iiot_orchestration.registry import DeviceRequest, create_tenant, provision_devices
 from iiot_orchestration.services import free_port, start_amqtt
+from tests.ingest_helpers import wait_for
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ALL_ENERGY = ("current_a", "energy_kwh", "power_w", "temperature_c", "voltage_v")
@@ -284,9 +285,11 @@ def test_stop_ends_an_unbounded_run_and_progress_reports(mqtt_url):
         reports.append(stats)
         stop.set()
 
-    stats = run_simulation(
-        fleet_of(2), mqtt_url, prefix=unique_prefix(), rate=20, stop=stop, progress=progress
-    )
+    prefix = unique_prefix()
+    with subscribed(mqtt_url, f"{prefix}/#"):  # delivered: the broker had a subscriber
+        stats = run_simulation(
+            fleet_of(2), mqtt_url, prefix=prefix, rate=20, stop=stop, progress=progress
+        )
     assert reports
     assert reports[-1] == stats
     assert stats.published > 0
@@ -341,3 +344,38 @@ def test_unusable_brokers_are_reported():
         run_simulation(fleet_of(1), "http://127.0.0.1:1883", count=1)
     with pytest.raises(SimulatorError, match="cannot connect"):
         run_simulation(fleet_of(1), f"mqtt://127.0.0.1:{free_port()}", count=1)
+
+
+def test_a_message_no_subscriber_took_is_kept_and_sent_again(mqtt_url):
+    """PUBACK 0x10 (no matching subscribers, as from Mosquitto just restarted) is not a
+    delivery: the message is sent again until a subscriber takes it."""
+    prefix = unique_prefix()
+    reports: list[SimulationStats] = []
+    result: dict[str, SimulationStats] = {}
+
+    def run() -> None:
+        result["stats"] = run_simulation(
+            fleet_of(1),
+            mqtt_url,
+            prefix=prefix,
+            rate=50,
+            count=3,
+            drain_timeout=60,
+            progress=reports.append,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        with subscribed(mqtt_url, f"{prefix}/#") as inbox:
+            pass  # connected and gone: nothing listens any more
+        assert wait_for(lambda: bool(reports) and reports[-1].resent > 0)
+        assert reports[-1].acknowledged == 0
+        with subscribed(mqtt_url, f"{prefix}/#") as inbox:
+            thread.join(60)
+            assert len(inbox.wait_for(3)) >= 3
+    finally:
+        thread.join(60)
+    stats = result["stats"]
+    assert stats.published == stats.acknowledged == 3
+    assert stats.rejected == 0
