@@ -2,6 +2,7 @@
 PostgreSQL."""
 
 import contextlib
+import logging
 import threading
 import urllib.error
 import urllib.request
@@ -201,8 +202,9 @@ BATCH_ROWS = pytest.mark.parametrize("batch_rows", [5_000, 1], ids=["batches", "
 
 @BATCH_ROWS
 def test_database_outage_loses_nothing(
-    conn, database_url, ingest_broker, publisher, pg_server, writer_process, batch_rows
+    conn, database_url, ingest_broker, publisher, pg_server, writer_process, batch_rows, caplog
 ):
+    caplog.set_level(logging.INFO, logger="ingest_daemon.daemon")
     provision(conn)
     port = free_port()
     ready = f"http://127.0.0.1:{port}/health/ready"
@@ -218,6 +220,10 @@ def test_database_outage_loses_nothing(
             pass
         assert wait_for(lambda: count(conn, "telemetry") == 20)
         assert get(ready)[0] == 200
+        # a line and a count when the database went, a line when it came back
+        assert running.daemon.metrics.database_losses._value.get() == 1
+        assert "lost the database" in caplog.text
+        assert "database back after" in caplog.text
     finally:
         running.finish()
 
