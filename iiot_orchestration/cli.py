@@ -424,7 +424,6 @@ def ingest_command(
     from iiot_orchestration.mqtt import MqttError, MqttOptions, check_options
     from ingest_daemon.daemon import IngestConfig, IngestDaemon
     from ingest_daemon.supervisor import EXIT_CONFIGURATION, Supervisor, watch_parent
-    from ingest_daemon.validation import Limits
 
     settings = _settings()
     if not settings.mqtt_url:
@@ -445,7 +444,7 @@ def ingest_command(
             "run one slot (--processes 1, --slots 1)"
         )
     check_options(MqttOptions.from_settings(settings))  # wrong TLS files: one error, not N
-    database_url = settings.require_database_url()
+    settings.require_database_url()  # unset: one error before any slot starts
     if processes > 1:
         options = [
             "--group",
@@ -474,10 +473,8 @@ def ingest_command(
         )
         with stop_on_signals() as stop:
             sys.exit(supervisor.run(stop))
-    config = IngestConfig(
-        database_url=database_url,
-        mqtt_url=settings.mqtt_url,
-        prefix=settings.topic_prefix,
+    config = IngestConfig.from_settings(
+        settings,
         group=group,
         slot=slot,
         batch_rows=batch_rows,
@@ -485,14 +482,9 @@ def ingest_command(
         metrics_port=metrics_port + slot if metrics_port else None,
         metrics_host=metrics_host,
         stop_timeout_s=stop_timeout,
-        mqtt_protocol=settings.mqtt_protocol,
-        mqtt_ca_file=settings.mqtt_ca_file,
-        mqtt_cert_file=settings.mqtt_cert_file,
-        mqtt_key_file=settings.mqtt_key_file,
         shared_subscription=shared,
         slots=slots,
         writer_process=writer_process,
-        limits=Limits(unknown_device_per_minute=settings.unknown_device_dead_letters_per_minute),
     )
     click.echo(f"Ingesting {config.subscription} as {config.client_id} (SIGTERM or Ctrl-C stops)")
     with stop_on_signals() as stop:

@@ -91,18 +91,7 @@ def drain_command(slot: int, group: str, idle: float, force: bool) -> None:
             "IIOT_MQTT_URL is not set: expected mqtt://host:port or mqtts://host:port"
         )
     database_url = settings.require_database_url()
-    config = IngestConfig(
-        database_url=database_url,
-        mqtt_url=settings.mqtt_url,
-        prefix=settings.topic_prefix,
-        group=group,
-        slot=slot,
-        mqtt_protocol=settings.mqtt_protocol,
-        mqtt_ca_file=settings.mqtt_ca_file,
-        mqtt_cert_file=settings.mqtt_cert_file,
-        mqtt_key_file=settings.mqtt_key_file,
-        drain_idle_s=idle,
-    )
+    config = IngestConfig.from_settings(settings, group=group, slot=slot, drain_idle_s=idle)
     with connect(database_url, role="platform_rw") as conn:
         known = [s for s in list_sessions(conn, group) if s.slot == slot]
     if known and known[0].live and not force:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -41,6 +42,7 @@ from iiot_orchestration.mqtt import (
     connect_client,
     protocol_name,
 )
+from iiot_orchestration.settings import Settings
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.registry_cache import RegistryCache
@@ -127,6 +129,24 @@ class IngestConfig:
     # the session holds, and stop once nothing has arrived for this many seconds
     drain_idle_s: float | None = None
     record_session: bool = True  # keep the slot's row in ingest_sessions up to date
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> IngestConfig:
+        """The database, broker, topic and validation settings of ``settings``, with
+        ``fields`` for the rest (what `iiot ingest` and `iiot ingest-sessions drain` share)."""
+        return cls(
+            database_url=settings.require_database_url(),
+            mqtt_url=settings.mqtt_url or "",
+            prefix=settings.topic_prefix,
+            mqtt_protocol=settings.mqtt_protocol,
+            mqtt_ca_file=settings.mqtt_ca_file,
+            mqtt_cert_file=settings.mqtt_cert_file,
+            mqtt_key_file=settings.mqtt_key_file,
+            limits=Limits(
+                unknown_device_per_minute=settings.unknown_device_dead_letters_per_minute
+            ),
+            **fields,
+        )
 
     @property
     def client_id(self) -> str:
