@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -116,8 +116,14 @@ def record(conn: psycopg.Connection, info: SessionInfo, state: str) -> None:
 
 
 def stale_slots(sessions: list[SlotSession], group: str, slots: int) -> list[SlotSession]:
-    """The group's slots numbered ``slots`` or more whose session the broker still keeps."""
-    return [s for s in sessions if s.group == group and s.slot >= slots and s.state != "ended"]
+    """The group's slots numbered ``slots`` or more whose session the broker still keeps (not
+    ended, not expired)."""
+    now = datetime.now(UTC)
+    return [
+        s
+        for s in sessions
+        if s.group == group and s.slot >= slots and s.state != "ended" and s.expires_at > now
+    ]
 
 
 def stale_warning(stale: list[SlotSession]) -> str:

@@ -232,3 +232,36 @@ def test_ingest_refuses_bad_slot_counts(cli_env, processes):
     bad = iiot({**env, "IIOT_MQTT_SHARED_SUBSCRIPTION": "off"}, "ingest", "--slots", "2")
     assert bad.returncode == 2
     assert "gives every slot every message" in bad.stderr
+
+
+def test_only_kept_sessions_of_retired_slots_are_stale():
+    from datetime import UTC, datetime, timedelta
+
+    from ingest_daemon.sessions import SlotSession, stale_slots
+
+    now = datetime.now(UTC)
+
+    def session(slot, state, expires_in_h, group="g"):
+        return SlotSession(
+            f"{group}-{slot}",
+            group,
+            slot,
+            "t",
+            "h",
+            1,
+            state,
+            now,
+            now,
+            now + timedelta(hours=expires_in_h),
+            timedelta(0),
+        )
+
+    sessions = [
+        session(0, "connected", 168),
+        session(1, "stopped", 168),  # kept: stale
+        session(2, "ended", 168),  # drained and ended
+        session(3, "stopped", -1),  # the broker has forgotten it
+        session(4, "stopped", 168, group="other"),
+    ]
+    assert [s.slot for s in stale_slots(sessions, "g", 1)] == [1]
+    assert stale_slots(sessions, "g", 2) == []
