@@ -20,7 +20,7 @@ dev: install
 	$(BIN)/iiot dev
 
 # two workers, a test file each at a time: the tests wait on brokers, subprocesses and the
-# database as much as they compute (6.5 min instead of 12 on the 2-core development machine)
+# database as much as they compute (about 8 min on the 2-core development machine)
 test: install
 	$(BIN)/pytest -n 2 --dist loadfile
 
