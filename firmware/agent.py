@@ -55,6 +55,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
+from firmware.delivery import publish_outcome
+
 log = logging.getLogger(__name__)
 
 PAYLOAD_VERSION = 1
@@ -69,21 +71,6 @@ BUFFER_FILE = "buffer.sqlite3"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-
-
-# PUBACK reasons that mean "not delivered, send again later": no subscriber matched (0x10, e.g.
-# Mosquitto just restarted and the platform has not subscribed again yet) and transient failures
-# (unspecified, implementation specific, server busy, quota exceeded). The same rule as
-# iiot_orchestration.mqtt.publish_outcome; the agent runs on a gateway without the platform.
-_RETRY_REASONS = frozenset({0x10, 0x80, 0x83, 0x89, 0x97})
-
-
-def _publish_outcome(reason: Any) -> str:
-    if reason is None:
-        return "delivered"
-    if reason.value in _RETRY_REASONS:
-        return "retry"
-    return "refused" if reason.is_failure else "delivered"
 
 
 class AgentError(Exception):
@@ -399,7 +386,7 @@ class _Session:
             return False
         with self._lock:
             reason = self._settled.pop(info.mid, None)
-        outcome = _publish_outcome(reason)
+        outcome = publish_outcome(reason)
         if outcome == "retry":
             # no subscriber yet (Mosquitto just restarted) or a transient failure: the reading
             # stays in the store-and-forward buffer and goes again with the next flush

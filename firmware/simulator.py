@@ -31,15 +31,10 @@ from zoneinfo import ZoneInfo
 import orjson
 import paho.mqtt.client as mqtt
 
+from firmware.delivery import publish_outcome
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
-from iiot_orchestration.mqtt import (
-    MqttError,
-    MqttOptions,
-    connect_client,
-    protocol_name,
-    publish_outcome,
-)
+from iiot_orchestration.mqtt import MqttError, MqttOptions, connect_client, protocol_name
 
 log = logging.getLogger(__name__)
 

@@ -145,24 +145,6 @@ class BufferedClient(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-# PUBACK reason codes that mean "not delivered, try again later": no subscriber matched (0x10:
-# Mosquitto after a restart, until the ingest slots have subscribed again to a shared
-# subscription) and the broker's transient failures; other failures are final refusals
-NO_MATCHING_SUBSCRIBERS = 0x10
-TRANSIENT_FAILURES = frozenset({0x80, 0x83, 0x89, 0x97})  # unspecified, impl., busy, quota
-
-
-def publish_outcome(reason: mqtt.ReasonCode | None) -> str:
-    """``delivered``, ``retry`` (keep the message and send it again) or ``refused``, for the
-    reason code of a PUBACK (None or a success: delivered; MQTT 3.1.1 has no reason codes)."""
-    if reason is None:
-        return "delivered"
-    value = reason.value
-    if value == NO_MATCHING_SUBSCRIBERS or value in TRANSIENT_FAILURES:
-        return "retry"
-    return "refused" if reason.is_failure else "delivered"
-
-
 class MqttError(IiotError):
     """The broker settings are wrong, or the broker could not be reached or refused us."""
 
