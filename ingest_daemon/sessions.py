@@ -75,11 +75,6 @@ class SlotSession:
         )
 
     @property
-    def kept(self) -> bool:
-        """The broker still keeps this session (and queues for it), as far as we know."""
-        return self.state != "ended" and not self.live
-
-    @property
     def status(self) -> str:
         if self.live:
             return self.state
