@@ -1,14 +1,48 @@
 """Shared by the ingest tests."""
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 
 from iiot_orchestration import registry
 
 MAC = "aa:bb:cc:00:00:01"
+
+
+def start_ingest_process(
+    database_url: str,
+    mqtt_url: str,
+    data_dir: Path,
+    *options: str,
+    output=subprocess.PIPE,
+    new_session: bool = False,
+    **settings: str,
+) -> subprocess.Popen:
+    """`iiot ingest --batch-age-ms 50 <options>` against the test's database and broker, with
+    ``settings`` as more IIOT_* variables (``IIOT_TOPIC_PREFIX=...``); its output, stderr
+    included, to ``output`` (text); with ``new_session``, a process group of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(
+        IIOT_DATABASE_URL=database_url,
+        IIOT_MQTT_URL=mqtt_url,
+        IIOT_DATA_DIR=str(data_dir),
+        **settings,
+    )
+    command = [sys.executable, "-m", "iiot_orchestration.cli", "ingest", "--batch-age-ms", "50"]
+    return subprocess.Popen(
+        [*command, *options],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def provision(conn, plan: str = "pro") -> None:

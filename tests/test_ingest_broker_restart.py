@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from firmware.simulator import SimulationStats, load_fleet, run_simulation
 from iiot_orchestration import registry
 from iiot_orchestration.services import start_mosquitto
 from tests.conftest import create_database, drop_database
-from tests.ingest_helpers import count, wait_for
+from tests.ingest_helpers import count, start_ingest_process, wait_for
 from tests.test_ingest_process import stream
 
 STOP_S = 30.0
@@ -54,32 +53,15 @@ class Lane:
     refused_0x10: int = 0
 
     def start_ingest(self, broker_url: str, tmp_path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-        env.update(
-            IIOT_DATABASE_URL=self.database_url,
-            IIOT_MQTT_URL=broker_url,
+        self.ingest = start_ingest_process(
+            self.database_url,
+            broker_url,
+            tmp_path / self.name,
+            *("--group", f"g-{self.prefix}", "--processes", str(self.processes)),
+            *("--metrics-port", "0"),
+            new_session=True,  # SIGSTOP and SIGCONT reach the slots and writers too
             IIOT_TOPIC_PREFIX=self.prefix,
             IIOT_MQTT_SHARED_SUBSCRIPTION=self.mode,
-            IIOT_DATA_DIR=str(tmp_path / self.name),
-        )
-        command = [sys.executable, "-m", "iiot_orchestration.cli", "ingest"]
-        self.ingest = subprocess.Popen(
-            [
-                *command,
-                "--group",
-                f"g-{self.prefix}",
-                "--processes",
-                str(self.processes),
-                "--batch-age-ms",
-                "50",
-                "--metrics-port",
-                "0",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # SIGSTOP and SIGCONT reach the slots and writers too
         )
 
     def signal_group(self, sig: int) -> None:

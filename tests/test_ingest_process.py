@@ -1,9 +1,7 @@
 """`iiot ingest` as a process: killed or stopped mid-stream, restarted, nothing lost or doubled."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -14,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
-from tests.ingest_helpers import MAC, count, provision, wait_for
+from tests.ingest_helpers import MAC, count, provision, start_ingest_process, wait_for
 
 STREAM = 20_000
 
@@ -76,33 +74,11 @@ def create_session(database_url, broker, group, slot=0):
 
 
 def start_ingest(database_url, broker, group, tmp_path, slot=0, slots=1) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(
-        IIOT_DATABASE_URL=database_url,
-        IIOT_MQTT_URL=broker.url,
-        IIOT_DATA_DIR=str(tmp_path / "var"),
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "iiot_orchestration.cli",
-            "ingest",
-            "--group",
-            group,
-            "--batch-age-ms",
-            "50",
-            "--metrics-port",
-            "0",
-            "--slot",
-            str(slot),
-            "--slots",
-            str(slots),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return start_ingest_process(
+        database_url,
+        broker.url,
+        tmp_path / "var",
+        *("--group", group, "--metrics-port", "0", "--slot", str(slot), "--slots", str(slots)),
     )
 
 

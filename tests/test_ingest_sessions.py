@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.ingest_helpers import count, provision, wait_for
+from tests.ingest_helpers import count, provision, start_ingest_process, wait_for
 from tests.test_ingest_process import publish_in_background, stream
 
 PART = 5_000
@@ -34,25 +34,13 @@ def _env(database_url, broker, tmp_path, mode):
 
 
 def start(env, group, processes=1) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "iiot_orchestration.cli",
-            "ingest",
-            "--group",
-            group,
-            "--processes",
-            str(processes),
-            "--batch-age-ms",
-            "50",
-            "--metrics-port",
-            "0",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    """`iiot ingest` with the variables of ``env`` (see ``_env``)."""
+    return start_ingest_process(
+        env["IIOT_DATABASE_URL"],
+        env["IIOT_MQTT_URL"],
+        env["IIOT_DATA_DIR"],
+        *("--group", group, "--processes", str(processes), "--metrics-port", "0"),
+        IIOT_MQTT_SHARED_SUBSCRIPTION=env["IIOT_MQTT_SHARED_SUBSCRIPTION"],
     )
 
 

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -17,7 +16,13 @@ import pytest
 
 from iiot_orchestration.services import free_port, start_mosquitto
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
-from tests.ingest_helpers import count, database_refusing_ingest, provision, wait_for
+from tests.ingest_helpers import (
+    count,
+    database_refusing_ingest,
+    provision,
+    start_ingest_process,
+    wait_for,
+)
 from tests.test_ingest_process import (
     STREAM,
     assert_exactly_the_stream,
@@ -29,26 +34,9 @@ from tests.test_ingest_process import (
 
 def ingest(database_url, mqtt_url, log_path: Path, *args: str) -> subprocess.Popen:
     """`iiot ingest ...`, its output in ``log_path`` (a pipe nobody reads could fill up)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(
-        IIOT_DATABASE_URL=database_url,
-        IIOT_MQTT_URL=mqtt_url,
-        IIOT_DATA_DIR=str(log_path.parent / "var"),
-    )
     with log_path.open("a") as output:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "iiot_orchestration.cli",
-                "ingest",
-                "--batch-age-ms",
-                "50",
-                *args,
-            ],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
+        return start_ingest_process(
+            database_url, mqtt_url, log_path.parent / "var", *args, output=output
         )
 
 
