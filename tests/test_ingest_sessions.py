@@ -135,6 +135,11 @@ def test_two_slots_to_one_with_the_drain_strands_nothing(
     assert not session_present(broker, f"{group}-1")
     table = iiot(env, "ingest-sessions", "list", "--group", group)
     assert re.search(rf"{group}\s+1\s+{group}-1\s+\(ended\).*ended", table.stdout), table.stdout
+    # the same drain again: nothing left to land, and no session left behind
+    again = iiot(env, "ingest-sessions", "drain", "--group", group, "--slot", "1", "--idle", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Drained {group}-1: 0 messages" in again.stdout
+    assert not session_present(broker, f"{group}-1")
 
     # from now on slot 0 alone receives everything
     one = start(env, group, processes=1)
