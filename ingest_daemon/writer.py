@@ -120,10 +120,13 @@ class BatchWriter:
         conflicts: list[Conflict] = []
         with conn.transaction():
             landed = self._land(readings, now) if readings else 0
+            wrong_tenant: list[DeadLetter] = []
             if landed < len(readings):  # skipped readings: an extra look only then
                 conflicts = self._conflicts(readings)
                 if dead_letter_conflicts:
                     dead_letters = [*dead_letters, *(c.dead_letter() for c in conflicts)]
+                wrong_tenant = self._wrong_tenant(readings)
+                dead_letters = [*dead_letters, *wrong_tenant]
             if dead_letters:
                 with conn.cursor().copy(query("copy_dead_letter_staging")) as copy:
                     for letter in dead_letters:
@@ -131,7 +134,7 @@ class BatchWriter:
                 conn.execute(query("land_dead_letter_staging"))
         return BatchResult(
             landed,
-            len(readings) - landed - len(conflicts),
+            len(readings) - landed - len(conflicts) - len(wrong_tenant),
             len(dead_letters),
             tuple(conflicts),
         )
@@ -150,6 +153,22 @@ class BatchWriter:
             )
             conflicts.append(Conflict(reading, kept, delivery, mac))
         return conflicts
+
+    def _wrong_tenant(self, readings: list[tuple[Reading, Delivery]]) -> list[DeadLetter]:
+        """Readings staged under a tenant that is not their device's: never landed (the key
+        includes the tenant, so they could not shadow the device's own readings either way)."""
+        rows = self.conn.execute(query("wrong_tenant_staged_readings")).fetchall()
+        if not rows:
+            return []
+        topics = {(r.device_id, r.metric, r.ts, r.value, d.number): d.topic for r, d in readings}
+        letters = []
+        for device_id, metric, ts, value, number, mac, tenant_id, received_at in rows:
+            payload = orjson.dumps({"ts": ts.isoformat(), "metrics": {metric: value}})
+            detail = f"device {device_id} does not belong to tenant {tenant_id}"
+            topic = topics.get((device_id, metric, ts, value, number), "")
+            rejection = Rejection("wrong_tenant", detail, payload)
+            letters.append(DeadLetter(received_at, topic, mac, None, device_id, rejection))
+        return letters
 
     def _land(self, readings: list[tuple[Reading, Delivery]], now: datetime) -> int:
         conn = self.conn

@@ -4,7 +4,8 @@ DO $$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['migration_admin', 'app_rw', 'platform_rw', 'readonly_audit']
+    FOREACH role_name IN ARRAY ARRAY['migration_admin', 'app_rw', 'platform_rw', 'readonly_audit',
+                                   'tenant_reader']
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = role_name) THEN
             BEGIN

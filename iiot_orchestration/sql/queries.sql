@@ -77,8 +77,11 @@ FROM STDIN (FORMAT BINARY)
 -- already be rolled up, so the readings that land there mark their (tenant, hour) dirty, and
 -- the (tenant, hour, device).
 WITH landed AS (
+    -- only readings whose (tenant_id, device_id) is the device's (wrong_tenant_staged_readings)
     INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)
-    SELECT tenant_id, device_id, metric, ts, value, received_at FROM telemetry_staging
+    SELECT s.tenant_id, s.device_id, s.metric, s.ts, s.value, s.received_at
+      FROM telemetry_staging s
+      JOIN devices d ON d.device_id = s.device_id AND d.tenant_id = s.tenant_id
     ON CONFLICT DO NOTHING
     RETURNING tenant_id, device_id, metric, ts
 ), seen AS (
@@ -124,9 +127,21 @@ SELECT DISTINCT ON (s.device_id, s.metric, s.ts, s.value)
        s.device_id, s.metric, s.ts, s.value, t.value AS kept, s.message_no, d.mac::text,
        s.tenant_id, s.received_at
   FROM telemetry_staging s
-  JOIN telemetry t USING (device_id, metric, ts)
+  JOIN telemetry t USING (tenant_id, device_id, metric, ts)
   JOIN devices d ON d.device_id = s.device_id
  WHERE t.value <> s.value
+ ORDER BY s.device_id, s.metric, s.ts, s.value, s.message_no
+
+-- name: wrong_tenant_staged_readings
+-- Run only when land_telemetry_staging skipped readings: those staged under a tenant that is not
+-- their device's (the registry resolves the tenant and a device never moves, so only a writer
+-- that bypasses it gets here), once per reading.
+SELECT DISTINCT ON (s.device_id, s.metric, s.ts, s.value)
+       s.device_id, s.metric, s.ts, s.value, s.message_no, d.mac::text, s.tenant_id,
+       s.received_at
+  FROM telemetry_staging s
+  LEFT JOIN devices d ON d.device_id = s.device_id
+ WHERE d.tenant_id IS DISTINCT FROM s.tenant_id
  ORDER BY s.device_id, s.metric, s.ts, s.value, s.message_no
 
 -- name: staged_days
