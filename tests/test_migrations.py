@@ -261,3 +261,87 @@ def test_timescale_mode_uses_a_hypertable_with_daily_chunks(timescale_server_url
         assert migrate.migrate(url, "auto", echo=quiet) == []
     finally:
         drop_database(timescale_server_url, name)
+
+
+def test_0022_keeps_every_reading_under_a_key_with_the_tenant(
+    empty_database_url, storage_mode, tmp_path
+):
+    """Upgrading a database with readings (compressed by hand in TimescaleDB mode, through the
+    function 0016 offered) keys them by tenant without losing or changing one."""
+    before = copy_migrations(tmp_path)
+    for path in before.glob("0022_*.sql"):
+        path.unlink()
+    migrate.migrate(empty_database_url, "auto", echo=quiet, directory=before)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tenants (slug, name, plan_id)"
+            " VALUES ('old-a', 'A', 'pro'), ('old-b', 'B', 'pro')"
+        )
+        conn.execute(
+            "INSERT INTO devices (tenant_id, mac, name, meter_kind)"
+            " SELECT tenant_id, ('02:00:00:00:00:0' || tenant_id)::macaddr, 'm', 'energy'"
+            "   FROM tenants"
+        )
+        storage_for(conn).ensure_partitions(
+            conn, datetime(2026, 11, 1).date(), datetime(2026, 11, 2).date()
+        )
+        conn.execute(
+            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value)"
+            " SELECT d.tenant_id, d.device_id, 'energy_kwh',"
+            "        timestamptz '2026-11-01 00:00+00' + g * interval '1 minute', g * 0.01"
+            "   FROM devices d, generate_series(0, 2 * 1440 - 1) g"
+        )
+        if storage_mode == "timescale":
+            conn.execute("SELECT iiot_enable_telemetry_compression()")
+            conn.execute("SELECT compress_chunk(c) FROM show_chunks('telemetry') c")
+        expected = conn.execute(
+            "SELECT tenant_id, device_id, metric, ts, value FROM telemetry ORDER BY 1, 2, 3, 4"
+        ).fetchall()
+    assert len(expected) == 2 * 2 * 1440
+
+    applied = migrate.migrate(empty_database_url, "auto", echo=quiet)
+    assert [m.version for m in applied] == [22]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert (
+            conn.execute(
+                "SELECT tenant_id, device_id, metric, ts, value FROM telemetry ORDER BY 1, 2, 3, 4"
+            ).fetchall()
+            == expected
+        )
+        key = conn.execute(
+            "SELECT array_agg(a.attname ORDER BY k.n)"
+            "  FROM pg_constraint c, unnest(c.conkey) WITH ORDINALITY k(attnum, n)"
+            "  JOIN pg_attribute a ON a.attrelid = 'telemetry'::regclass AND a.attnum = k.attnum"
+            " WHERE c.conrelid = 'telemetry'::regclass AND c.contype = 'p'"
+        ).fetchone()[0]
+        assert key == ["device_id", "metric", "ts", "tenant_id"]
+        assert not conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'telemetry'::regclass"
+        ).fetchone()[0]
+        tenant_a, device_a = conn.execute(
+            "SELECT tenant_id, device_id FROM devices ORDER BY tenant_id LIMIT 1"
+        ).fetchone()
+        redelivered = conn.execute(
+            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value)"
+            " VALUES (%s, %s, 'energy_kwh', '2026-11-01 00:05+00', 0.05) ON CONFLICT DO NOTHING",
+            (tenant_a, device_a),
+        ).rowcount
+        assert redelivered == 0
+        if storage_mode == "timescale":
+            (enabled,) = conn.execute(
+                "SELECT compression_enabled FROM timescaledb_information.hypertables"
+                " WHERE hypertable_name = 'telemetry'"
+            ).fetchone()
+            assert enabled
+            compressed = conn.execute(
+                "SELECT count(compress_chunk(c, if_not_compressed => true))"
+                "  FROM show_chunks('telemetry') c"
+            ).fetchone()[0]
+            assert compressed == 2
+            assert (
+                conn.execute(
+                    "SELECT tenant_id, device_id, metric, ts, value FROM telemetry"
+                    " ORDER BY 1, 2, 3, 4"
+                ).fetchall()
+                == expected
+            )
