@@ -618,6 +618,7 @@ from iiot_orchestration.cli_dead_letters import dead_letters_group  # noqa: E402
 from iiot_orchestration.cli_ingest_sessions import ingest_sessions_group  # noqa: E402
 from iiot_orchestration.cli_pki import issue_cert_command, pki_group, revoke_command  # noqa: E402
 from iiot_orchestration.cli_report import report_command  # noqa: E402
+from iiot_orchestration.cli_tenant_logins import logins_group  # noqa: E402
 
 main.add_command(billing_group)
 main.add_command(alerts_group)
@@ -632,6 +633,7 @@ main.add_command(archive_group)
 main.add_command(dead_letters_group)
 main.add_command(ingest_sessions_group)
 tenants.add_command(tenants_delete_command)
+tenants.add_command(logins_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
