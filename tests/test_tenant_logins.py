@@ -367,6 +367,23 @@ def test_a_session_that_survives_revocation_sees_nothing(
         assert tenant.execute("SELECT count(*) FROM tenant.account").fetchone()[0] == 0
 
 
+def test_an_expired_login_sees_nothing_whatever_it_signed_in_with(
+    run, conn, database_url, tenants, roles
+):
+    """VALID UNTIL binds password sign-in only; trust or certificate sign-in gets past it, so
+    the tenant itself expires too."""
+    login, password = created(run("create", "--tenant", "acme"))
+    with connect_as(database_url, login, password) as tenant:
+        assert tenant.execute("SELECT count(*) FROM tenant.devices").fetchone()[0] == 1
+        conn.execute(
+            "UPDATE tenant_logins SET valid_until = now() - interval '1 second' WHERE login = %s",
+            (login,),
+        )
+        assert tenant.execute("SELECT iiot_current_tenant()").fetchone()[0] is None
+        tenant.execute("SELECT set_config('iiot.tenant_id', %s, false)", (str(tenants["acme"][0]),))
+        assert tenant.execute("SELECT count(*) FROM tenant.devices").fetchone()[0] == 0
+
+
 def test_a_non_superuser_operator_manages_logins(run, conn, database_url, tenants, roles, operator):
     url = operator(signal=True)
     result = run("create", "--tenant", "globex", url=url)

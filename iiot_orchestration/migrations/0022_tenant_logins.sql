@@ -30,9 +30,10 @@ COMMENT ON TABLE tenant_logins IS
     'Database logins bound to one tenant (iiot tenants logins); only the schema owner writes it.';
 GRANT SELECT ON tenant_logins TO platform_rw, readonly_audit;
 
--- The tenant of this session. A tenant login gets its own tenant (NULL once revoked) whatever
--- iiot.tenant_id says; a member of tenant_reader that is not in tenant_logins gets NULL (sees
--- nothing); any other session (the multi-tenant service, app_rw) gets iiot.tenant_id.
+-- The tenant of this session. A tenant login gets its own tenant (NULL once revoked or past
+-- valid_until) whatever iiot.tenant_id says; a member of tenant_reader that is not in
+-- tenant_logins gets NULL (sees nothing); any other session (the multi-tenant service, app_rw)
+-- gets iiot.tenant_id.
 -- SECURITY DEFINER so that it reads tenant_logins, which tenant logins cannot; session_user,
 -- because SET ROLE cannot change it. Callers wrap it in a scalar subquery
 -- (`tenant_id = (SELECT iiot_current_tenant())`), so it runs once per statement, not per row.
@@ -41,11 +42,14 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = public, pg_catalog, p
 DECLARE
     bound_tenant integer;
     revoked timestamptz;
+    valid_to timestamptz;
 BEGIN
-    SELECT l.tenant_id, l.revoked_at INTO bound_tenant, revoked
+    SELECT l.tenant_id, l.revoked_at, l.valid_until INTO bound_tenant, revoked, valid_to
       FROM tenant_logins l WHERE l.login = session_user;
     IF FOUND THEN
-        RETURN CASE WHEN revoked IS NULL THEN bound_tenant END;
+        -- revoked or expired: nothing (VALID UNTIL binds password sign-in only; this binds all)
+        RETURN CASE WHEN revoked IS NULL AND (valid_to IS NULL OR valid_to > now())
+                    THEN bound_tenant END;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_auth_members m
                 WHERE m.roleid = 'tenant_reader'::regrole
