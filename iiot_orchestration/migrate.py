@@ -155,6 +155,28 @@ def _verify(applied: list[AppliedMigration], files: list[Migration]) -> None:
             )
 
 
+def service_logins(conn: psycopg.Connection) -> list[str]:
+    """Logins that are members of app_rw: they choose their tenant per transaction, which is
+    right for a multi-tenant service and wrong for a person (docs/security.md)."""
+    rows = conn.execute(
+        "SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member"
+        " WHERE m.roleid = 'app_rw'::regrole AND r.rolcanlogin ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _warn_about_service_logins(conn: psycopg.Connection, echo: Callable[[str], None]) -> None:
+    logins = service_logins(conn)
+    if logins:
+        echo(
+            f"Warning: {len(logins)} login(s) can act as any tenant through app_rw: "
+            f"{', '.join(logins[:10])}{' ...' if len(logins) > 10 else ''}. That is meant for "
+            "a multi-tenant service only; give people and BI tools tenant logins "
+            "(`iiot tenants logins create --tenant SLUG`) and `REVOKE app_rw FROM <login>` "
+            "(docs/security.md)."
+        )
+
+
 def _can_become(conn: psycopg.Connection, role: str) -> bool:
     row = conn.execute("SELECT pg_has_role(session_user, %s, 'MEMBER')", (role,)).fetchone()
     return bool(row and row[0])
@@ -197,6 +219,7 @@ def migrate(
             done = {m.version for m in applied}
             pending = [m for m in files if m.version not in done]
             if not pending:
+                _warn_about_service_logins(conn, echo)
                 echo(
                     f"Nothing to migrate: the database is at {files[-1].label} "
                     f"({len(files)} migrations applied, storage mode {mode})."
@@ -212,6 +235,7 @@ def migrate(
             for migration in pending:
                 _apply(conn, migration, as_admin=as_admin)
                 echo(f"Applied {migration.filename}")
+            _warn_about_service_logins(conn, echo)
             echo(f"Database is at {pending[-1].label} (storage mode {mode}).")
             return pending
         finally:

@@ -3,11 +3,13 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from iiot_orchestration import migrate
 from iiot_orchestration.migrate import MIGRATION_LOCK_KEY, MIGRATIONS_DIR, MigrationError
@@ -63,6 +65,8 @@ def test_migrate_empty_database_needs_no_manual_step(empty_database_url, storage
 def test_second_run_is_a_no_op_that_says_so(database_url):
     lines: list[str] = []
     assert migrate.migrate(database_url, "auto", echo=lines.append) == []
+    # roles are cluster-wide: another test's app_rw login may draw a warning meanwhile
+    lines = [line for line in lines if not line.startswith("Warning:")]
     assert lines == [lines[0]]
     assert lines[0].startswith("Nothing to migrate")
 
@@ -345,3 +349,21 @@ def test_0022_keeps_every_reading_under_a_key_with_the_tenant(
                 ).fetchall()
                 == expected
             )
+
+
+def test_migrate_warns_about_logins_that_can_act_as_any_tenant(database_url):
+    """What docs/security.md used to recommend (an analyst login IN ROLE app_rw) can choose its
+    tenant: migrate names such logins until they are replaced by tenant logins."""
+    login = f"analyst_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE app_rw").format(sql.Identifier(login)))
+        try:
+            lines: list[str] = []
+            migrate.migrate(database_url, "auto", echo=lines.append)
+            assert any(login in line and "any tenant" in line for line in lines), lines
+            conn.execute(sql.SQL("REVOKE app_rw FROM {}").format(sql.Identifier(login)))
+            lines.clear()
+            migrate.migrate(database_url, "auto", echo=lines.append)
+            assert not any(login in line for line in lines), lines
+        finally:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login)))
