@@ -4,6 +4,7 @@ out by hand and with SQL over telemetry_hourly."""
 
 import os
 import shutil
+import threading
 import uuid
 from datetime import UTC, date, datetime
 
@@ -25,7 +26,7 @@ from assets.marts import (  # before any dagster_dbt import: it silences a warni
 )
 from assets.rollups import telemetry_daily, telemetry_hourly
 from iiot_orchestration import registry
-from iiot_orchestration.db import connect
+from iiot_orchestration.db import connect, set_tenant
 from iiot_orchestration.definitions import defs
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
@@ -213,12 +214,17 @@ def test_marts_match_the_rollups_in_tenant_local_time(conn, database_url, seeded
         (seeded["meter_a"][1],),
     ).fetchone()[0]
     assert ratio == pytest.approx(40 / 30)
-    # dbt's relations live in their own schema; public holds only the application's tables
+    # dbt's relations live in their own schema, the marts' tenant views in the schema tenant;
+    # public holds only the application's tables
     schemas = conn.execute(
-        "SELECT DISTINCT table_schema FROM information_schema.tables"
-        " WHERE table_name IN ('consumption_daily', 'stg_telemetry_hourly')"
+        "SELECT DISTINCT table_name, table_schema FROM information_schema.tables"
+        " WHERE table_name IN ('consumption_daily', 'stg_telemetry_hourly') ORDER BY 1, 2"
     ).fetchall()
-    assert schemas == [("marts",)]
+    assert schemas == [
+        ("consumption_daily", "marts"),
+        ("consumption_daily", "tenant"),
+        ("stg_telemetry_hourly", "marts"),
+    ]
 
 
 def test_a_unit_outside_the_accepted_values_fails_the_build(conn, database_url, seeded):
@@ -331,3 +337,139 @@ def test_the_service_role_builds_the_marts_in_their_own_schema_only(
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
         service.execute("CREATE TABLE public.not_for_dbt (x int)")
+
+
+TENANT_MARTS = ("consumption_daily", "consumption_monthly", "device_comparison")
+
+
+@pytest.fixture
+def tenant_login(conn, database_url):
+    """Makes a login bound to a tenant (role tenant_reader, as `iiot tenants logins create`
+    does) and returns its URL; the roles are dropped after their sessions are ended."""
+    created = []
+
+    def make(slug: str) -> str:
+        name = f"tenant_{uuid.uuid4().hex[:12]}"
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE tenant_reader").format(sql.Identifier(name))
+        )
+        created.append(name)
+        conn.execute(
+            "INSERT INTO tenant_logins (login, tenant_id)"
+            " SELECT %s, tenant_id FROM tenants WHERE slug = %s",
+            (name, slug),
+        )
+        return make_conninfo(**{**conninfo_to_dict(database_url), "user": name})
+
+    yield make
+    for name in created:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,)
+        )
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def rows(connection: psycopg.Connection, query: sql.Composable, params=()) -> list[tuple]:
+    return sorted(connection.execute(query, params).fetchall(), key=repr)
+
+
+def mart_rows(connection: psycopg.Connection, mart: str, tenant_id: int | None = None):
+    """A mart's rows: the tenant view when ``tenant_id`` is None, else marts.<mart> filtered."""
+    if tenant_id is None:
+        return rows(connection, sql.SQL("SELECT * FROM tenant.{}").format(sql.Identifier(mart)))
+    query = sql.SQL("SELECT * FROM marts.{} WHERE tenant_id = %s").format(sql.Identifier(mart))
+    return rows(connection, query, (tenant_id,))
+
+
+def test_a_tenant_login_reads_its_own_marts_and_nothing_else(
+    conn, database_url, seeded, tenant_login
+):
+    """Each tenant's login reads exactly its rows of the three mart views, even when it sets
+    iiot.tenant_id to another tenant, and never the marts themselves; app_rw reads the tenant
+    it chose; the numbers are those of marts.* filtered by tenant."""
+    assert roll_up(database_url).success
+    assert build_marts(database_url).success
+    tenants = dict(conn.execute("SELECT slug, tenant_id FROM tenants").fetchall())
+    for slug, tenant_id in tenants.items():
+        other = next(t for s, t in tenants.items() if s != slug)
+        expected = {mart: mart_rows(conn, mart, tenant_id) for mart in TENANT_MARTS}
+        assert all(expected.values()), expected
+        with psycopg.connect(tenant_login(slug), autocommit=True) as login:
+            for mart in TENANT_MARTS:
+                assert mart_rows(login, mart) == expected[mart], (slug, mart)
+            login.execute("SELECT set_config('iiot.tenant_id', %s, false)", (str(other),))
+            for mart in TENANT_MARTS:
+                assert mart_rows(login, mart) == expected[mart], (slug, mart)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    login.execute(sql.SQL("SELECT 1 FROM marts.{}").format(sql.Identifier(mart)))
+        with connect(database_url, role="app_rw") as service:
+            for mart in TENANT_MARTS:
+                assert mart_rows(service, mart) == [], mart  # no tenant chosen: no rows
+            set_tenant(service, tenant_id)
+            for mart in TENANT_MARTS:
+                assert mart_rows(service, mart) == expected[mart], (slug, mart)
+    acme_devices = {device for slug, device in DEVICES if slug == "acme"}
+    with psycopg.connect(tenant_login("acme"), autocommit=True) as login:
+        seen = {row[0] for row in login.execute("SELECT device_id FROM tenant.device_comparison")}
+    assert seen == {seeded[name][1] for name in acme_devices}
+
+
+def test_a_rebuild_swaps_the_tenant_views_without_a_gap(conn, database_url, seeded, tenant_login):
+    """The table materialization drops the previous table with CASCADE after its COMMIT; the
+    post-hook has already pointed each view at the new table, so the views survive a second
+    build, read the new table, and a tenant reading throughout never finds one missing or empty."""
+    assert roll_up(database_url).success
+    assert build_marts(database_url).success
+    tenant_id = conn.execute("SELECT tenant_id FROM tenants WHERE slug = 'other'").fetchone()[0]
+    before = {mart: mart_rows(conn, mart, tenant_id) for mart in TENANT_MARTS}
+    reads: list[dict[str, int]] = []
+    errors: list[Exception] = []
+    built = threading.Event()
+
+    def read_throughout(url: str) -> None:
+        with psycopg.connect(url, autocommit=True) as login:
+            while not built.is_set():
+                try:
+                    reads.append(
+                        {
+                            mart: login.execute(
+                                sql.SQL("SELECT count(*) FROM tenant.{}").format(
+                                    sql.Identifier(mart)
+                                )
+                            ).fetchone()[0]
+                            for mart in TENANT_MARTS
+                        }
+                    )
+                except psycopg.Error as exc:
+                    errors.append(exc)
+
+    reader = threading.Thread(target=read_throughout, args=(tenant_login("other"),))
+    reader.start()
+    try:
+        assert build_marts(database_url).success
+    finally:
+        built.set()
+        reader.join(timeout=30)
+    assert errors == []
+    assert len(reads) > 1
+    assert {tuple(counts.values()) for counts in reads} == {tuple(map(len, before.values()))}
+
+    for mart in TENANT_MARTS:
+        depends_on = conn.execute(  # the view's rewrite rule reads exactly the current mart
+            "SELECT DISTINCT d.refobjid::regclass::text FROM pg_depend d"
+            "  JOIN pg_rewrite r ON r.oid = d.objid"
+            " WHERE r.ev_class = %s::regclass AND d.refobjid <> r.ev_class"
+            "   AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass",
+            (f"tenant.{mart}",),
+        ).fetchall()
+        assert depends_on == [(f"marts.{mart}",)]
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE oid = %s::regclass", (f"tenant.{mart}",)
+        ).fetchone()[0]
+        assert options == ["security_barrier=true"]
+    leftovers = conn.execute(
+        "SELECT relname FROM pg_class WHERE relname LIKE %s", ("%__dbt_backup",)
+    ).fetchall()
+    assert leftovers == []
+    with psycopg.connect(tenant_login("other"), autocommit=True) as login:
+        assert {mart: mart_rows(login, mart) for mart in TENANT_MARTS} == before
