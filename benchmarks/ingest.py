@@ -10,7 +10,14 @@ the rows measure how fast each consumer drains them, not how fast one publisher 
 - naive: insert and commit each message on its own (the seeds' first design).
 Each row also checks that nothing was lost. The bare row is the fastest of three runs (before
 and after the daemon's), so a noisy moment on the shared machine does not flatter the ratios.
-Last, the daemon runs live at half its measured rate and publish-to-commit latency is sampled.
+Then the daemon runs live at half its measured rate and publish-to-commit latency is sampled.
+
+Last, the key of issue 19 without the broker: the same batches (IIOT_BENCH_LANDING_READINGS,
+300,000 by default: 100 energy meters, three metrics a message, IIOT_BENCH_LANDING_BATCH
+readings a batch) landed the writer's way (binary COPY into the staging table, then the landing
+statement, one transaction a batch, as platform_rw) into a telemetry table keyed (device_id,
+metric, ts) with the landing statement that did not join devices (baseline), and into the
+telemetry of migration 0022, keyed (device_id, metric, ts, tenant_id), with today's statement.
 """
 
 import contextlib
@@ -35,7 +42,10 @@ from paho.mqtt.properties import Properties
 
 from benchmarks.common import scratch_database
 from iiot_orchestration import registry
+from iiot_orchestration.db import query
 from iiot_orchestration.services import start_mosquitto
+from iiot_orchestration.storage import storage_for
+from ingest_daemon.writer import _READING_TYPES
 
 DEVICES = 100
 MESSAGES = int(os.environ.get("IIOT_BENCH_MESSAGES", "40000"))
@@ -44,6 +54,16 @@ POLL_S = 0.1
 LATENCY_SHARES = (0.25, 0.4, 0.5)
 LATENCY_SECONDS = float(os.environ.get("IIOT_BENCH_LATENCY_SECONDS", "10"))
 TOPIC = "iiot/devices/+/telemetry"
+LANDING_READINGS = int(os.environ.get("IIOT_BENCH_LANDING_READINGS", "300000"))
+LANDING_BATCH = int(os.environ.get("IIOT_BENCH_LANDING_BATCH", "1500"))
+LANDING_ROUNDS = int(os.environ.get("IIOT_BENCH_LANDING_ROUNDS", "3"))
+LANDING_METRICS = ("energy_kwh", "power_w", "voltage_v")
+DEVICE_JOIN = "JOIN devices d ON d.device_id = s.device_id AND d.tenant_id = s.tenant_id"
+COMPRESSION_SETTINGS = (
+    "ALTER TABLE telemetry SET (timescaledb.compress,"
+    " timescaledb.compress_segmentby = 'tenant_id, device_id, metric',"
+    " timescaledb.compress_orderby = 'ts')"
+)
 
 
 def macs() -> list[str]:
@@ -363,6 +383,122 @@ def naive(broker, messages) -> tuple[float, int]:
         return elapsed, rows(url)
 
 
+def landing_batches(tenant_id: int, devices: list[int]) -> tuple[datetime, list[list[tuple]]]:
+    """Readings of the current hour (nothing marks a rollup window dirty), in time order, one
+    message per device and tick with its three metrics; and the time the batches land at."""
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    ticks = max(1, LANDING_READINGS // (len(LANDING_METRICS) * len(devices)))
+    step = timedelta(seconds=3_000 / ticks)
+    rows = []
+    for tick in range(ticks):
+        instant = start + tick * step
+        received = instant + timedelta(milliseconds=250)
+        for n, device in enumerate(devices):
+            number = tick * len(devices) + n
+            for metric in LANDING_METRICS:
+                rows.append((tenant_id, device, metric, instant, float(number), received, number))
+    batches = [
+        [(*row, False) for row in rows[i : i + LANDING_BATCH]]
+        for i in range(0, len(rows), LANDING_BATCH)
+    ]
+    return start + timedelta(minutes=59), batches
+
+
+def use_old_key(url: str) -> None:
+    """The telemetry key before migration 0022: (device_id, metric, ts), no tenant."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        timescale = storage_for(conn).mode == "timescale"
+        if timescale:  # the key cannot change while columnstore is enabled
+            conn.execute("ALTER TABLE telemetry SET (timescaledb.compress = false)")
+        conn.execute("ALTER TABLE telemetry DROP CONSTRAINT telemetry_pkey")
+        conn.execute(
+            "ALTER TABLE telemetry ADD CONSTRAINT telemetry_pkey"
+            " PRIMARY KEY (device_id, metric, ts)"
+        )
+        if timescale:
+            conn.execute(COMPRESSION_SETTINGS)
+
+
+def land(
+    url: str, statement: str, now: datetime, batches: list[list[tuple]]
+) -> tuple[float, float]:
+    """Land every batch into an emptied telemetry; seconds for the batches (COPY, landing
+    statement, commit) and for the landing statements alone."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE telemetry, ingest_usage, ingest_usage_tenant_hours, ingest_usage_device_days,"
+            " dirty_windows, dirty_window_devices"
+        )
+        conn.execute("VACUUM ANALYZE devices")
+    with psycopg.connect(url) as conn:
+        conn.execute("SET ROLE platform_rw")
+        conn.execute(query("create_telemetry_staging"))
+        conn.commit()
+        landing = 0.0
+        started = time.perf_counter()
+        for batch in batches:
+            with conn.transaction():
+                with conn.cursor().copy(query("copy_telemetry_staging")) as copy:
+                    copy.set_types(_READING_TYPES)
+                    for row in batch:
+                        copy.write_row(row)
+                began = time.perf_counter()
+                landed = conn.execute(statement, {"now": now}).fetchone()[0]
+                landing += time.perf_counter() - began
+            assert landed == len(batch), (landed, len(batch))
+        return time.perf_counter() - started, landing
+
+
+def key_change() -> tuple[int, list[tuple[str, float, float]]]:
+    """Best of LANDING_ROUNDS for each key and statement, the two alternating; the readings."""
+    new = query("land_telemetry_staging")
+    if DEVICE_JOIN not in new:
+        raise RuntimeError("land_telemetry_staging no longer joins devices: update the benchmark")
+    old = new.replace(DEVICE_JOIN, "")
+    with scratch_database() as old_url, scratch_database() as new_url:
+        found = []
+        for url in (old_url, new_url):
+            prepare(url)
+            with psycopg.connect(url, autocommit=True) as conn:
+                found.append(
+                    conn.execute(
+                        "SELECT tenant_id, array_agg(device_id ORDER BY device_id) FROM devices"
+                        " GROUP BY tenant_id"
+                    ).fetchall()
+                )
+        [(tenant_id, devices)] = found[0]
+        assert found[1] == found[0], "the two databases must hold the same devices"
+        now, batches = landing_batches(tenant_id, devices)
+        for url in (old_url, new_url):
+            with psycopg.connect(url, autocommit=True) as conn:
+                storage_for(conn).ensure_partitions(conn, now.date(), now.date())
+        use_old_key(old_url)
+        runs: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+        for _ in range(LANDING_ROUNDS):
+            runs["old"].append(land(old_url, old, now, batches))
+            runs["new"].append(land(new_url, new, now, batches))
+    return sum(len(b) for b in batches), [
+        ("key (device, metric, ts), no devices join (baseline)", *min(runs["old"])),
+        ("key (device, metric, ts, tenant), devices join", *min(runs["new"])),
+    ]
+
+
+def print_key_change(readings: int, rows: list[tuple[str, float, float]]) -> None:
+    print(
+        f"landing {readings:,} readings in batches of {LANDING_BATCH:,}, best of "
+        f"{LANDING_ROUNDS}, the two alternating:"
+    )
+    print(
+        f"{'case':<56}{'batches s':>10}{'readings/s':>12}{'ratio':>7}{'landing s':>10}{'ratio':>7}"
+    )
+    base_total, base_landing = rows[0][1], rows[0][2]
+    for case, total, landing in rows:
+        print(
+            f"{case:<56}{total:>10.2f}{readings / total:>12,.0f}{total / base_total:>7.3f}"
+            f"{landing:>10.2f}{landing / base_landing:>7.3f}"
+        )
+
+
 def main() -> None:
     messages = payloads(MESSAGES)
     with tempfile.TemporaryDirectory() as tmp:
@@ -417,3 +553,4 @@ def main() -> None:
             f" max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms,"
             f" lost {published - committed}"
         )
+    print_key_change(*key_change())

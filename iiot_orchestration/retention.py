@@ -705,10 +705,10 @@ def verify_archives(
 
 # Compression (TimescaleDB mode)
 
-COMPRESSION_REFUSED = (
-    "columnstore is not enabled on telemetry: TimescaleDB refuses it on a table with row-level "
-    "security, which telemetry has for tenant sessions; enabling it is a security decision "
-    "(docs/retention.md, iiot_enable_telemetry_compression())"
+COMPRESSION_OFF = (
+    "columnstore is not enabled on telemetry, so no chunk is compressed: migrations enable it "
+    "in TimescaleDB mode and someone turned it off; the schema owner turns it on again "
+    "(docs/retention.md, Compression)"
 )
 
 
@@ -722,7 +722,7 @@ class CompressionStatus:
 
 
 def compression_status(conn: psycopg.Connection) -> CompressionStatus:
-    """Whether raw telemetry can be compressed here, and how many chunks are."""
+    """Whether raw telemetry is compressed here (columnstore enabled), and how many chunks are."""
     mode = storage_for(conn).mode
     if mode != "timescale":
         return CompressionStatus(mode, False, reason="PostgreSQL mode has no chunk compression")
@@ -735,7 +735,7 @@ def compression_status(conn: psycopg.Connection) -> CompressionStatus:
         "  FROM timescaledb_information.chunks WHERE hypertable_name = 'telemetry'"
     ).fetchone()
     return CompressionStatus(
-        mode, enabled, compressed, uncompressed, "" if enabled else COMPRESSION_REFUSED
+        mode, enabled, compressed, uncompressed, "" if enabled else COMPRESSION_OFF
     )
 
 

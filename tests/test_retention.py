@@ -1,8 +1,9 @@
 """Retention against the real PostgreSQL (and TimescaleDB when the server has it): two tenants
 with different retention, archives read back and compared with the readings inserted, a
 corrupted archive, runs killed between archive and removal and in the middle of it, late
-readings, restore holds, unknown tenants, the database's own refusal to drop a day, and the
-manifest and store against malformed and hostile input."""
+readings, restore holds, unknown tenants, the database's own refusal to drop a day, compression
+(on by default in TimescaleDB mode; late and re-delivered readings into compressed chunks through
+the ingest writer), and the manifest and store against malformed and hostile input."""
 
 import hashlib
 import json
@@ -30,8 +31,11 @@ from assets.retention import (
     telemetry_compression,
 )
 from iiot_orchestration import archive, registry, retention
+from iiot_orchestration.db import connect
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
+from ingest_daemon.validation import Reading
+from ingest_daemon.writer import BatchWriter, Delivery
 from tests.conftest import REPO_ROOT
 
 TODAY = datetime.now(UTC).date()
@@ -122,6 +126,15 @@ def left(conn: psycopg.Connection, fleet: Fleet) -> dict[tuple[str, date], int]:
     return {(slugs.get(t, str(t)), d): n for t, d, n in rows}
 
 
+def compressed_days(conn: psycopg.Connection) -> set[date]:
+    """The UTC days whose telemetry chunk is compressed (TimescaleDB mode)."""
+    rows = conn.execute(
+        "SELECT (range_start AT TIME ZONE 'UTC')::date FROM timescaledb_information.chunks"
+        " WHERE hypertable_name = 'telemetry' AND is_compressed"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def parquet_rows(path: Path) -> list[tuple]:
     table = pq.read_table(path)
     return list(zip(*(table.column(c).to_pylist() for c in archive.COLUMNS), strict=True))
@@ -130,6 +143,12 @@ def parquet_rows(path: Path) -> list[tuple]:
 @pytest.fixture
 def fleet(conn):
     return make_fleet(conn)
+
+
+@pytest.fixture
+def timescale_mode(storage_mode):
+    if storage_mode != "timescale":
+        pytest.skip("timescaledb extension not available: chunk compression needs TimescaleDB")
 
 
 @pytest.fixture
@@ -434,8 +453,6 @@ def test_the_database_refuses_to_drop_a_day_that_is_needed_or_not_archived(conn,
     assert "still within the 6-day retention of tenant long" in drop(ago(5))
     assert "is not all archived" in drop(ago(8))
     assert len(raw(conn, fleet.tenants["long"], ago(8))) == 9
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        service.execute("SELECT iiot_enable_telemetry_compression()")
 
 
 def test_a_restored_day_is_held_until_its_hold_ends(conn, fleet, root, service, store):
@@ -492,30 +509,101 @@ def test_compression_in_postgres_mode_has_nothing_to_do(database_url, root, post
 
 
 def test_compression_and_retention_in_timescale_mode(
-    conn, database_url, fleet, root, service, store, storage_mode, monkeypatch
+    conn, database_url, fleet, root, service, store, timescale_mode, monkeypatch
 ):
-    if storage_mode != "timescale":
-        pytest.skip("timescaledb extension not available: chunk compression needs TimescaleDB")
-    refused = materialize(database_url, root, assets=[telemetry_compression])
-    [evaluation] = refused.get_asset_check_evaluations()
-    assert not evaluation.passed
-    assert "row-level security" in evaluation.metadata["reason"].value
-    conn.execute("SET ROLE migration_admin")
-    conn.execute("SELECT iiot_enable_telemetry_compression()")
-    conn.execute("RESET ROLE")
+    monkeypatch.delenv("IIOT_COMPRESS_AFTER_DAYS", raising=False)
+    by_default = materialize(database_url, root, assets=[telemetry_compression])
+    assert by_default.success
+    assert checks(by_default) == {COMPRESSION_ENABLED: True}
+    metadata = by_default.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["compressed_now"].value == DAYS_OF_DATA - 7  # the days 8 to 10 ago
     monkeypatch.setenv("IIOT_COMPRESS_AFTER_DAYS", "2")
     result = materialize(database_url, root, assets=[telemetry_compression])
     assert result.success
     assert all(checks(result).values())
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
-    assert metadata["compressed_now"].value == DAYS_OF_DATA - 2  # the days 3 to 10 ago
-    # retention reads, drops and deletes compressed chunks alike
+    assert metadata["compressed_now"].value == 7 - 2  # then the days 3 to 7 ago
+    assert metadata["compressed_chunks"].value == DAYS_OF_DATA - 2
+    assert compressed_days(conn) == {ago(n) for n in range(3, DAYS_OF_DATA + 1)}
+    # retention archives, drops and deletes by key from compressed chunks alike
     run = retention.run_retention(service, store, RUN_DAY)
     assert not run.problems
     assert not run.mismatched_days
     assert left(conn, fleet) == fleet.expected_left()
+    for slug, day in (("short", ago(5)), ("long", ago(8))):
+        archived = parquet_rows(root / archive.parquet_path(fleet.tenants[slug], day))
+        assert archived == fleet.readings[(slug, day)]
+    assert ago(5) in compressed_days(conn)  # 'long' keeps it: 'short' went by key
     retention.restore(service, store, "short", ago(5), ago(5))
     assert raw(conn, fleet.tenants["short"], ago(5)) == fleet.readings[("short", ago(5))]
+    assert retention.verify_archives(conn, store).problems == []
+
+
+def test_compression_turned_off_fails_its_check_and_can_be_turned_on_again(
+    conn, database_url, fleet, root, service, timescale_mode
+):
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # not the service's to decide
+        service.execute("ALTER TABLE telemetry SET (timescaledb.compress = false)")
+    conn.execute("SET ROLE migration_admin")
+    conn.execute("ALTER TABLE telemetry SET (timescaledb.compress = false)")
+    off = materialize(database_url, root, assets=[telemetry_compression])
+    assert off.success  # a warning: the readings are safe, only larger
+    [evaluation] = off.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert evaluation.metadata["reason"].value == retention.COMPRESSION_OFF
+    assert (
+        off.get_asset_materialization_events()[0].materialization.metadata["compressed_now"].value
+        == 0
+    )
+    # the statement docs/retention.md gives
+    conn.execute(
+        "ALTER TABLE telemetry SET (timescaledb.compress,"
+        " timescaledb.compress_segmentby = 'tenant_id, device_id, metric',"
+        " timescaledb.compress_orderby = 'ts')"
+    )
+    conn.execute("RESET ROLE")
+    on = materialize(database_url, root, assets=[telemetry_compression])
+    assert checks(on) == {COMPRESSION_ENABLED: True}
+    assert compressed_days(conn) == {ago(n) for n in range(8, DAYS_OF_DATA + 1)}
+
+
+def test_late_and_redelivered_readings_into_a_compressed_chunk(
+    conn, database_url, fleet, root, timescale_mode, monkeypatch
+):
+    monkeypatch.setenv("IIOT_COMPRESS_AFTER_DAYS", "2")
+    assert materialize(database_url, root, assets=[telemetry_compression]).success
+    day = ago(4)  # compressed, and within the retention of 'long'
+    assert day in compressed_days(conn)
+    tenant_id, device_id, metric, ts, value, _ = fleet.readings[("long", day)][0]
+    now = datetime.now(UTC)
+    topic = "iiot/devices/02:00:00:00:01:01/telemetry"
+    late = Reading(tenant_id, device_id, metric, ts + timedelta(minutes=1), 7.25)
+    batch = [
+        (Reading(tenant_id, device_id, metric, ts, value), Delivery(now, 0, topic=topic)),
+        (Reading(tenant_id, device_id, metric, ts, value + 1), Delivery(now, 1, topic=topic)),
+        (late, Delivery(now, 2, topic=topic)),
+    ]
+    with connect(database_url, role="platform_rw") as writing:
+        result = BatchWriter(writing).write(batch, [], now=now)
+    assert (result.landed, result.duplicates, result.dead_letters) == (1, 1, 1)
+    [conflict] = result.conflicts
+    assert (conflict.reading.value, conflict.kept) == (value + 1, value)
+    letters = conn.execute("SELECT reason, tenant_id, device_id, topic FROM dead_letters")
+    assert letters.fetchall() == [("conflicting_duplicate", tenant_id, device_id, topic)]
+    stored = conn.execute(
+        "SELECT ts, value, received_at FROM telemetry"
+        " WHERE tenant_id = %s AND device_id = %s AND metric = %s AND ts >= %s AND ts < %s"
+        " ORDER BY ts",
+        (tenant_id, device_id, metric, ts, ts + timedelta(hours=1)),
+    ).fetchall()
+    assert stored == [(ts, value, fleet.readings[("long", day)][0][5]), (late.ts, 7.25, now)]
+    assert len(raw(conn, tenant_id, day)) == 9 + 1
+    dirty = conn.execute("SELECT tenant_id, window_start FROM dirty_windows").fetchall()
+    assert dirty == [(tenant_id, late.ts.replace(minute=0, second=0, microsecond=0))]
+    # the same batch again: nothing more lands, the conflict is refused again
+    with connect(database_url, role="platform_rw") as writing:
+        again = BatchWriter(writing).write(batch, [], now=now)
+    assert (again.landed, again.duplicates, again.dead_letters) == (0, 2, 1)
 
 
 # Without the database
@@ -697,6 +785,9 @@ def test_the_nightly_schedule_archives_the_day_that_ended():
     assert request.partition_key == "2026-11-22"
     for name in ("telemetry_compression_schedule", "archive_checks_schedule"):
         assert schedules[name].cron_schedule in ("30 2 * * *", "0 4 * * 0")
+    # compression too runs by default: in PostgreSQL mode the run has nothing to do
+    for name in ("telemetry_archive_schedule", "telemetry_compression_schedule"):
+        assert schedules[name].default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_stray_entries_in_the_archive_tree_are_not_archives(root, store):
