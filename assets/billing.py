@@ -47,7 +47,10 @@ def billing_daily_usage(
     day, slug = _keys(context, "day")
     with postgres.get_connection() as conn:
         who = billing.tenant(conn, slug)
-        [usage] = billing.record_usage(conn, who, [day])
+        try:
+            [usage] = billing.record_usage(conn, who, [day])
+        except billing.BillingError as exc:
+            raise dg.Failure(str(exc)) from exc
     return dg.MaterializeResult(
         metadata={
             "plan": usage.plan_id,

@@ -141,12 +141,18 @@ class Tenant:
     cycle_day: int
     plan_id: str
     status: str
+    created: date  # the local day the tenant was created: its billing starts then
+
+
+_TENANT_COLUMNS = (
+    "tenant_id, slug, timezone, billing_cycle_day, plan_id, status,"
+    " (created_at AT TIME ZONE timezone)::date"
+)
 
 
 def tenant(conn: psycopg.Connection, slug: str) -> Tenant:
     row = conn.execute(
-        "SELECT tenant_id, slug, timezone, billing_cycle_day, plan_id, status FROM tenants"
-        " WHERE slug = %s",
+        f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE slug = %s",
         (slug,),
     ).fetchone()
     if row is None:
@@ -166,7 +172,7 @@ def tenants(
     wanted = None if slugs is None else sorted(set(slugs))
     zones = None if timezones is None else sorted(set(timezones))
     rows = conn.execute(
-        "SELECT tenant_id, slug, timezone, billing_cycle_day, plan_id, status FROM tenants"
+        f"SELECT {_TENANT_COLUMNS} FROM tenants"
         " WHERE (%(slugs)s::text[] IS NULL OR slug = ANY(%(slugs)s))"
         "   AND (%(zones)s::text[] IS NULL OR timezone = ANY(%(zones)s))"
         "   AND (NOT %(active)s OR %(slugs)s::text[] IS NOT NULL OR status = 'active')"
@@ -182,6 +188,40 @@ def tenants(
 
 def local_today(conn: psycopg.Connection, who: Tenant) -> date:
     return conn.execute("SELECT (now() AT TIME ZONE %s)::date", (who.timezone,)).fetchone()[0]
+
+
+def first_period(who: Tenant) -> Period:
+    """The period holding the tenant's creation day: its first billed period."""
+    return period_containing(who.created, who.cycle_day)
+
+
+def _refuse_unbillable_day(who: Tenant, day: date, today: date) -> None:
+    if day < who.created:
+        raise BillingError(
+            f"day {day} of {who.slug} is before the tenant was created ({who.created}, its "
+            "local day): billing starts on that day"
+        )
+    if day >= today:
+        raise BillingError(
+            f"day {day} of {who.slug} has not ended yet (local date {today} in {who.timezone})"
+        )
+
+
+def _refuse_unbillable_period(who: Tenant, period: Period, today: date) -> None:
+    if period.end <= who.created:
+        raise BillingError(
+            f"period {period.label:%Y-%m} of {who.slug} ended before the tenant was created "
+            f"({who.created}, its local day): its first period is "
+            f"{first_period(who).label:%Y-%m}"
+        )
+    if period.start > today:
+        raise BillingError(f"period {period.label:%Y-%m} of {who.slug} has not started yet")
+
+
+def billable_days(who: Tenant, period: Period, today: date) -> list[date]:
+    """The period's days billed by ``today``: from the tenant's creation day (or the period's
+    start) to yesterday (or the period's end)."""
+    return [day for day in period.dates(until=today) if day >= who.created]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,14 +610,20 @@ def record_usage_many(
     *,
     actor: str = "dagster",
     per_reading: Decimal | None = None,
+    today: date | None = None,
 ) -> dict[int, list[DailyUsage]]:
     """``record_usage`` for many (tenant, local day) pairs at once: bytes per reading measured
     once, the usage of every pair computed in one statement and stored in one, then each
     tenant's storage quota applied to its latest day, all in one transaction. Returns
-    tenant_id -> the usage stored, by day."""
+    tenant_id -> the usage stored, by day. A day before the tenant's creation, or one that has
+    not ended (``today`` defaults to each tenant's local date), is refused and nothing is
+    written."""
     pairs = _pairs(wanted)
     if not pairs:
         return {}
+    todays = _todays(conn, (who for who, _ in pairs), today)
+    for who, day in pairs:
+        _refuse_unbillable_day(who, day, todays[who.tenant_id])
     per_reading = per_reading if per_reading is not None else bytes_per_reading(conn)
     by_id = {who.tenant_id: who for who, _ in pairs}
     with conn.transaction():
@@ -593,11 +639,16 @@ def record_usage_many(
 
 
 def record_usage(
-    conn: psycopg.Connection, who: Tenant, days: Iterable[date], *, actor: str = "dagster"
+    conn: psycopg.Connection,
+    who: Tenant,
+    days: Iterable[date],
+    *,
+    actor: str = "dagster",
+    today: date | None = None,
 ) -> list[DailyUsage]:
     """Compute and store the usage of ``days`` in one transaction, then apply the storage quota
     of starter and pro to the latest day (a warning event, new devices blocked)."""
-    done = record_usage_many(conn, [(who, day) for day in days], actor=actor)
+    done = record_usage_many(conn, [(who, day) for day in days], actor=actor, today=today)
     return done.get(who.tenant_id, [])
 
 
@@ -851,6 +902,15 @@ def local_todays(conn: psycopg.Connection, tenants: Iterable[Tenant]) -> dict[in
     return {who.tenant_id: today[who.timezone] for who in tenants}
 
 
+def _todays(
+    conn: psycopg.Connection, tenants: Iterable[Tenant], today: date | None
+) -> dict[int, date]:
+    """``today`` for every tenant, or (None) each tenant's local date."""
+    if today is not None:
+        return {who.tenant_id: today for who in tenants}
+    return local_todays(conn, tenants)
+
+
 def _compute_invoices(
     conn: psycopg.Connection, requests: list[tuple[Tenant, date]], today: date | None
 ) -> list[Invoice | BillingError]:
@@ -858,21 +918,18 @@ def _compute_invoices(
     cannot be computed gives its BillingError instead. A constant number of statements: the
     stored usage of every period, the missing days computed and stored at once
     (``record_usage_many``), the plans and the adjustments."""
-    todays = (
-        {who.tenant_id: today for who, _ in requests}
-        if today is not None
-        else local_todays(conn, (who for who, _ in requests))
-    )
+    todays = _todays(conn, (who for who, _ in requests), today)
     result: list[Invoice | BillingError | None] = [None] * len(requests)
     work: list[tuple[int, Tenant, Period, date, list[date]]] = []
     for n, (who, label) in enumerate(requests):
         period = period_of(label, who.cycle_day)
-        if period.start > todays[who.tenant_id]:
-            result[n] = BillingError(f"period {label:%Y-%m} of {who.slug} has not started yet")
+        today_ = todays[who.tenant_id]
+        try:
+            _refuse_unbillable_period(who, period, today_)
+        except BillingError as refused:
+            result[n] = refused
             continue
-        work.append(
-            (n, who, period, todays[who.tenant_id], period.dates(until=todays[who.tenant_id]))
-        )
+        work.append((n, who, period, today_, billable_days(who, period, today_)))
 
     def usage_of(items: list) -> dict[int, list[DailyUsage]]:
         spans = [(who.tenant_id, days[0], days[-1]) for _, who, _, _, days in items if days]
@@ -890,7 +947,7 @@ def _compute_invoices(
             missing += gaps
             again.append(item)
     if missing:
-        record_usage_many(conn, missing)
+        record_usage_many(conn, missing, today=today)
         loaded.update(usage_of(again))
     catalog = plans(conn)
     adjustments = _adjustments(
@@ -1225,9 +1282,11 @@ def bill_night(
     a time zone): the usage of ``day`` for every tenant (``record_usage_many``: bytes per
     reading measured once, one statement to compute, one to store), then each tenant's invoice
     of the period holding ``day`` (``bill_many``). ``today`` defaults to each tenant's local
-    date."""
+    date. A tenant created after ``day`` is a failure, and nothing of it is written."""
     tenants = sorted(tenants, key=lambda who: who.tenant_id)
-    usage = record_usage_many(conn, [(who, day) for who in tenants])
+    unborn = [who for who in tenants if who.created > day]
+    tenants = [who for who in tenants if who.created <= day]
+    usage = record_usage_many(conn, [(who, day) for who in tenants], today=today)
     billed = bill_many(
         conn,
         [(who, period_containing(day, who.cycle_day).label) for who in tenants],
@@ -1235,7 +1294,11 @@ def bill_night(
         actor=actor,
         batch=batch,
     )
-    return Nightly(usage, billed)
+    refused = [
+        (who, period_containing(day, who.cycle_day).label, f"{day} is before {who.slug} existed")
+        for who in unborn
+    ]
+    return Nightly(usage, BulkBilling(billed.outcomes, refused + billed.failures))
 
 
 def add_adjustment(

@@ -118,7 +118,9 @@ def nightly_billing_sensor(
 ) -> list[dg.RunRequest]:
     now = datetime.now(UTC)
     with postgres.get_connection() as conn:
+        # a tenant created today (its local day) has no yesterday to bill
         tenants = conn.execute(
             "SELECT slug, timezone, billing_cycle_day FROM tenants WHERE status = 'active'"
+            "   AND (created_at AT TIME ZONE timezone)::date < (now() AT TIME ZONE timezone)::date"
         ).fetchall()
     return nightly_bulk_requests(now, tenants)

@@ -21,7 +21,8 @@ def utc(*args) -> datetime:
 
 
 def make_tenant(conn, slug, history, *, timezone="America/Sao_Paulo", cycle_day=1):
-    """A tenant whose plan history is exactly ``history``: [(plan, valid_from UTC), ...]."""
+    """A tenant whose plan history is exactly ``history``: [(plan, valid_from UTC), ...],
+    created when its first plan starts."""
     registry.create_tenant(
         conn,
         slug=slug,
@@ -30,6 +31,7 @@ def make_tenant(conn, slug, history, *, timezone="America/Sao_Paulo", cycle_day=
         timezone=timezone,
         billing_cycle_day=cycle_day,
     )
+    conn.execute("UPDATE tenants SET created_at = %s WHERE slug = %s", (history[0][1], slug))
     who = billing.tenant(conn, slug)
     conn.execute("DELETE FROM tenant_plan_history WHERE tenant_id = %s", (who.tenant_id,))
     for n, (plan, since) in enumerate(history):

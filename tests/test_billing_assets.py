@@ -68,7 +68,7 @@ def acme(conn):
         " VALUES (%s, %s, '2026-10-10 15:00Z', 3, 3)",
         (who.tenant_id, device.device_id),
     )
-    return who
+    return billing.tenant(conn, "acme")  # created on 2026-09-10
 
 
 def materialize(database_url, assets, key, tmp_path):
@@ -166,6 +166,29 @@ def test_the_daily_usage_asset(conn, database_url, acme, tmp_path):
     assert result.success
     [materialization] = result.asset_materializations_for_node("billing_daily_usage")
     assert materialization.metadata["readings"].value == 3
+
+
+def test_the_assets_refuse_days_and_periods_before_the_tenant_existed(
+    conn, database_url, acme, reports_root, tmp_path
+):
+    """acme was created on 2026-09-10 (Sao Paulo): its usage of Sep 9 and its 2026-08 invoice
+    are refused, and nothing is written."""
+    usage = materialize(
+        database_url, [billing_daily_usage], tenant_key("2026-09-09", "acme", "day"), tmp_path
+    )
+    invoice = materialize(
+        database_url, [billing_invoice], tenant_key("2026-08-01", "acme"), tmp_path
+    )
+    for result, message in (
+        (usage, "day 2026-09-09 of acme is before the tenant was created (2026-09-10"),
+        (invoice, "period 2026-08 of acme ended before the tenant was created"),
+    ):
+        assert not result.success
+        failure = result.get_step_failure_events()[0].event_specific_data.error.message
+        assert message in failure
+    assert conn.execute(
+        "SELECT (SELECT count(*) FROM billing_daily_usage) + (SELECT count(*) FROM invoices)"
+    ).fetchone() == (0,)
 
 
 def months_over_since(first: date) -> list[date]:

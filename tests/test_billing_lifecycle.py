@@ -1,0 +1,109 @@
+"""Billing that finance can leave unattended (issue 20): no charge before a tenant existed, usage
+neither lost nor rewritten, versioned prices, quota notices. Each case is worked out by hand in
+its comment, to the cent, against a real PostgreSQL."""
+
+from datetime import date
+from decimal import Decimal
+
+import pytest
+from click.testing import CliRunner
+
+from iiot_orchestration import billing
+from iiot_orchestration.billing import BillingError
+from iiot_orchestration.cli import main
+from tests.test_billing import START, lines, make_tenant, utc
+
+OCT = date(2026, 10, 1)
+SEP = date(2026, 9, 1)
+
+
+def stored_rows(conn, tenant_id: int) -> tuple[int, int, int]:
+    """Daily usage rows, invoices and billing events (other than plan changes) of a tenant."""
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM billing_daily_usage WHERE tenant_id = %(t)s),"
+        "       (SELECT count(*) FROM invoices WHERE tenant_id = %(t)s),"
+        "       (SELECT count(*) FROM billing_events WHERE tenant_id = %(t)s"
+        "           AND kind <> 'plan_changed')",
+        {"t": tenant_id},
+    ).fetchone()
+
+
+# Created at 2026-10-20 16:00 UTC on pro, billing cycle day 15: period 2026-10 runs Oct 15 to
+# Nov 14 (31 days).
+# - Tokyo (UTC+9): created Oct 21 01:00 local, billed Oct 21 to Nov 14 = 25 days:
+#   790 x 25 / 31 = 637.0968 -> 637.10
+# - Sao Paulo (UTC-3): created Oct 20 13:00 local, billed Oct 20 to Nov 14 = 26 days:
+#   790 x 26 / 31 = 662.5806 -> 662.58
+@pytest.mark.parametrize(
+    ("timezone", "first_day", "days", "amount"),
+    [
+        ("Asia/Tokyo", date(2026, 10, 21), 25, Decimal("637.10")),
+        ("America/Sao_Paulo", date(2026, 10, 20), 26, Decimal("662.58")),
+    ],
+)
+def test_billing_starts_on_the_local_day_the_tenant_was_created(
+    conn, timezone, first_day, days, amount
+):
+    who = make_tenant(
+        conn, "late", [("pro", utc(2026, 10, 20, 16))], timezone=timezone, cycle_day=15
+    )
+    assert who.created == first_day
+    outcome = billing.bill(conn, who, OCT, today=date(2026, 11, 20))
+    assert outcome.action == "finalised"
+    assert lines(outcome.invoice) == [("base", days, amount)]
+    assert outcome.invoice.days_billed == days
+    assert outcome.invoice.lines[0].description.startswith(
+        f"Pro plan, {first_day} to 2026-11-14 ({days} of 31 days)"
+    )
+    first_stored = conn.execute(
+        "SELECT min(day) FROM billing_daily_usage WHERE tenant_id = %s", (who.tenant_id,)
+    ).fetchone()[0]
+    assert first_stored == first_day
+
+
+def test_periods_and_days_before_the_tenant_existed_are_refused_writing_nothing(conn):
+    """Created 2026-10-15 12:00 UTC in Sao Paulo (its local Oct 15), cycle day 1: September
+    and a 2020 period are refused, and so are its usage days before Oct 15 and today's."""
+    who = make_tenant(conn, "new-tenant", [("pro", utc(2026, 10, 15, 12))])
+    before = stored_rows(conn, who.tenant_id)
+    for label in (SEP, date(2020, 1, 1)):
+        with pytest.raises(BillingError, match="ended before the tenant was created"):
+            billing.bill(conn, who, label, today=date(2026, 11, 20))
+    with pytest.raises(BillingError, match="has not started yet"):
+        billing.bill(conn, who, date(2026, 12, 1), today=date(2026, 11, 20))
+    with pytest.raises(BillingError, match="before the tenant was created"):
+        billing.record_usage(conn, who, [date(2026, 10, 14), date(2026, 10, 15)])
+    with pytest.raises(BillingError, match="has not ended yet"):
+        billing.record_usage(conn, who, [date(2026, 11, 20)], today=date(2026, 11, 20))
+    assert stored_rows(conn, who.tenant_id) == before == (0, 0, 0)
+    # October bills 17 of 31 days: 790 x 17 / 31 = 433.2258 -> 433.23
+    invoice = billing.compute_invoice(conn, who, OCT, today=date(2026, 11, 20))
+    assert lines(invoice) == [("base", 17, Decimal("433.23"))]
+
+
+def test_the_cli_refuses_a_period_before_the_tenant_existed(conn, cli_env, monkeypatch):
+    for key in [k for k in cli_env if k.startswith("IIOT_")]:
+        monkeypatch.setenv(key, cli_env[key])
+    who = make_tenant(conn, "new-tenant", [("pro", utc(2026, 10, 15, 12))])
+    result = CliRunner().invoke(
+        main, ["billing", "invoice", "--tenant", "new-tenant", "--period", "2020-01"]
+    )
+    assert result.exit_code == 1
+    assert "period 2020-01 of new-tenant ended before the tenant was created" in result.output
+    assert "its first period is 2026-10" in result.output
+    assert stored_rows(conn, who.tenant_id) == (0, 0, 0)
+
+
+def test_a_bulk_night_refuses_a_tenant_created_after_the_night(conn):
+    """Two tenants, one created Oct 1 and one Oct 20 (Sao Paulo): the night of Oct 10 bills
+    the first (its October draft, Oct 1 to 10: 790 x 10 / 31 = 254.8387 -> 254.84) and refuses
+    the second."""
+    old = make_tenant(conn, "old", [("pro", START)])
+    new = make_tenant(conn, "new", [("pro", utc(2026, 10, 20, 12))])
+    night = billing.bill_night(conn, [old, new], date(2026, 10, 10), today=date(2026, 10, 11))
+    assert [(who.slug, reason) for who, _, reason in night.billing.failures] == [
+        ("new", "2026-10-10 is before new existed")
+    ]
+    [outcome] = night.billing.outcomes
+    assert lines(outcome.invoice) == [("base", 10, Decimal("254.84"))]
+    assert stored_rows(conn, new.tenant_id) == (0, 0, 0)
