@@ -604,6 +604,15 @@ def test_late_and_redelivered_readings_into_a_compressed_chunk(
     with connect(database_url, role="platform_rw") as writing:
         again = BatchWriter(writing).write(batch, [], now=now)
     assert (again.landed, again.duplicates, again.dead_letters) == (0, 2, 1)
+    # the late reading left its chunk partly uncompressed: the next run compresses it again
+    assert materialize(database_url, root, assets=[telemetry_compression]).success
+    (partial,) = conn.execute(
+        "SELECT count(*) FROM _timescaledb_catalog.chunk k"
+        "  JOIN _timescaledb_catalog.hypertable h ON h.id = k.hypertable_id"
+        " WHERE h.table_name = 'telemetry' AND k.status & 8 = 8"
+    ).fetchone()
+    assert partial == 0
+    assert len(raw(conn, tenant_id, day)) == 9 + 1
 
 
 # Without the database

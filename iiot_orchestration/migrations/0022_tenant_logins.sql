@@ -196,3 +196,37 @@ CREATE VIEW tenant.alerts WITH (security_barrier) AS
 SELECT * FROM alerts WHERE tenant_id = (SELECT iiot_current_tenant());
 
 GRANT SELECT ON ALL TABLES IN SCHEMA tenant TO tenant_reader, app_rw;
+
+-- Late readings written into a compressed chunk leave it partially compressed (TimescaleDB chunk
+-- status bit 8): those chunks are compressed again too, oldest first.
+CREATE OR REPLACE FUNCTION iiot_compress_telemetry_chunks(p_older_than timestamptz,
+                                                          p_limit integer)
+RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    chunk regclass;
+BEGIN
+    IF (SELECT mode FROM iiot_storage) <> 'timescale' THEN
+        RAISE EXCEPTION 'chunk compression needs the timescale storage mode'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                    WHERE hypertable_name = 'telemetry' AND compression_enabled) THEN
+        RAISE EXCEPTION 'columnstore is not enabled on telemetry (docs/retention.md)'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    FOR chunk IN
+        SELECT format('%I.%I', c.chunk_schema, c.chunk_name)::regclass
+          FROM timescaledb_information.chunks c
+          JOIN _timescaledb_catalog.chunk k
+            ON k.schema_name = c.chunk_schema AND k.table_name = c.chunk_name
+         WHERE c.hypertable_name = 'telemetry' AND c.range_end <= p_older_than
+           AND (NOT c.is_compressed OR k.status & 8 = 8)
+         ORDER BY c.range_start
+         LIMIT p_limit
+    LOOP
+        PERFORM compress_chunk(chunk);
+        RETURN NEXT chunk::text;
+    END LOOP;
+END
+$$;
