@@ -614,10 +614,10 @@ def record_usage_many(
 ) -> dict[int, list[DailyUsage]]:
     """``record_usage`` for many (tenant, local day) pairs at once: bytes per reading measured
     once, the usage of every pair computed in one statement and stored in one, then each
-    tenant's storage quota applied to its latest day, all in one transaction. Returns
-    tenant_id -> the usage stored, by day. A day before the tenant's creation, or one that has
-    not ended (``today`` defaults to each tenant's local date), is refused and nothing is
-    written."""
+    tenant's storage quota applied to its latest day when that is the latest day stored for
+    it, all in one transaction. Returns tenant_id -> the usage stored, by day. A day before the
+    tenant's creation, or one that has not ended (``today`` defaults to each tenant's local
+    date), is refused and nothing is written."""
     pairs = _pairs(wanted)
     if not pairs:
         return {}
@@ -632,10 +632,25 @@ def record_usage_many(
         for (tenant_id, _), day_usage in sorted(usage.items()):
             done.setdefault(tenant_id, []).append(day_usage)
         save_usage(conn, ((t, u) for t, days in done.items() for u in days))
+        latest = _latest_days(conn, list(done))
         enforce_storage_quotas(
-            conn, [(by_id[t], days[-1]) for t, days in done.items()], actor=actor
+            conn,
+            [(by_id[t], days[-1]) for t, days in done.items() if days[-1].day == latest[t]],
+            actor=actor,
         )
     return done
+
+
+def _latest_days(conn: psycopg.Connection, tenant_ids: list[int]) -> dict[int, date]:
+    """Each tenant's latest stored day: the only day its quota state comes from (computing an
+    old period must not clear, or set, today's block)."""
+    return dict(
+        conn.execute(
+            "SELECT t, (SELECT max(day) FROM billing_daily_usage WHERE tenant_id = t)"
+            "  FROM unnest(%s::integer[]) AS t",
+            (tenant_ids,),
+        ).fetchall()
+    )
 
 
 def record_usage(

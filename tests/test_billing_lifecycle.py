@@ -107,3 +107,52 @@ def test_a_bulk_night_refuses_a_tenant_created_after_the_night(conn):
     [outcome] = night.billing.outcomes
     assert lines(outcome.invoice) == [("base", 10, Decimal("254.84"))]
     assert stored_rows(conn, new.tenant_id) == (0, 0, 0)
+
+
+def over_quota_on(conn, who, day_utc_noon) -> None:
+    """100 readings at noon UTC of a day (the same local day in UTC and in Kolkata)."""
+    conn.execute(
+        "INSERT INTO ingest_usage (tenant_id, device_id, hour, messages, readings)"
+        " VALUES (%s, 1, %s, 100, 100)",
+        (who.tenant_id, day_utc_noon),
+    )
+
+
+# Starter includes 1 GiB = 1,073,741,824 bytes. Nov 30: 100 readings x 20,000,000 bytes a reading
+# = 2,000,000,000 bytes, over the quota: blocked. September has no readings (0 bytes, under the
+# quota) and is invoiced afterwards, 30 of 30 days at 99.00 = 99.00: the block stays.
+@pytest.mark.parametrize("timezone", ["UTC", "Asia/Kolkata"])
+def test_an_old_period_computed_while_blocked_keeps_the_block(conn, timezone):
+    who = make_tenant(conn, "small", [("starter", START)], timezone=timezone)
+    over_quota_on(conn, who, utc(2026, 11, 30, 12))
+    billing.record_usage_many(conn, [(who, date(2026, 11, 30))], per_reading=Decimal(20_000_000))
+    [nov30] = billing.load_daily_usage(conn, who, [date(2026, 11, 30)])
+    assert nov30.storage_bytes == 2_000_000_000
+    outcome = billing.bill(conn, who, SEP, today=date(2026, 12, 5))
+    assert lines(outcome.invoice) == [("base", 30, Decimal("99.00"))]
+    blocked = conn.execute(
+        "SELECT storage_blocked_at IS NOT NULL FROM tenants WHERE tenant_id = %s",
+        (who.tenant_id,),
+    ).fetchone()[0]
+    assert blocked
+    states = [
+        e["detail"]["state"] for e in billing.events(conn, who) if e["kind"] == "quota_warning"
+    ]
+    assert states == ["blocked"]
+
+
+def test_an_old_day_over_the_quota_does_not_block_today(conn):
+    """Nov 30 is under the quota (no readings); Oct 5 is computed afterwards with 2,000,000,000
+    bytes (over 1 GiB): the tenant stays unblocked, no event."""
+    who = make_tenant(conn, "small", [("starter", START)], timezone="Asia/Kolkata")
+    billing.record_usage_many(conn, [(who, date(2026, 11, 30))], per_reading=Decimal(100))
+    over_quota_on(conn, who, utc(2026, 10, 5, 12))
+    [oct5] = billing.record_usage_many(
+        conn, [(who, date(2026, 10, 5))], per_reading=Decimal(20_000_000)
+    )[who.tenant_id]
+    assert oct5.storage_bytes == 2_000_000_000
+    assert [e for e in billing.events(conn, who) if e["kind"] == "quota_warning"] == []
+    blocked = conn.execute(
+        "SELECT storage_blocked_at FROM tenants WHERE tenant_id = %s", (who.tenant_id,)
+    ).fetchone()[0]
+    assert blocked is None
