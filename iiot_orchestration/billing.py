@@ -1324,8 +1324,11 @@ def add_adjustment(
     reason: str,
     *,
     actor: str,
+    today: date | None = None,
 ) -> int:
-    """An explicit credit (negative) or debit line for a period that is not final yet."""
+    """An explicit credit (negative) or debit line for the open period or the next one (the
+    periods an invoice will still be computed for; ``today`` defaults to the tenant's local
+    date)."""
     if not amount.is_finite() or not 0 < abs(amount) < MAX_AMOUNT or amount != money(amount):
         raise BillingError(
             f"bad adjustment amount {str(amount)[:30]}: a non-zero amount in cents, below "
@@ -1342,6 +1345,14 @@ def add_adjustment(
             raise BillingError(
                 f"invoice {period.label:%Y-%m} of {who.slug} is final: put the correction in an "
                 "open period (e.g. the current one), naming the corrected period in the reason"
+            )
+        current = period_containing(today or local_today(conn, who), who.cycle_day).label
+        following = add_months(current, 1)
+        if period.label not in (current, following):
+            raise BillingError(
+                f"period {period.label:%Y-%m} of {who.slug} will not be invoiced again: an "
+                f"adjustment goes to the open period {current:%Y-%m} or the next one "
+                f"{following:%Y-%m}, naming the corrected period in the reason"
             )
         adjustment_id = conn.execute(
             "INSERT INTO billing_adjustments (tenant_id, period, amount, reason, actor)"

@@ -90,13 +90,15 @@ def invoice_command(tenant: str, period: str, export: bool, as_json: bool) -> No
 
 @billing_group.command("adjust")
 @TENANT_OPTION
-@click.option("--period", required=True, help="An open billing period, e.g. 2026-11.")
+@click.option(
+    "--period", required=True, help="The open billing period or the next one, e.g. 2026-11."
+)
 @click.option("--amount", required=True, help="Credit (negative) or debit, e.g. -10.00.")
 @click.option("--reason", required=True, help="Why; name the corrected period if another.")
 @click.option("--actor", default="cli", show_default=True, help="Who makes the adjustment.")
 @friendly_errors
 def adjust_command(tenant: str, period: str, amount: str, reason: str, actor: str) -> None:
-    """Add an explicit credit or debit line to a period that is not final yet."""
+    """Add an explicit credit or debit line to the open period or the next one."""
     label = billing.parse_period(period)
     try:
         value = Decimal(amount.strip())

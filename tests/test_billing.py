@@ -229,10 +229,18 @@ def test_adjustments_are_explicit_lines_and_never_touch_a_final_invoice(conn):
     who = make_tenant(conn, "acme", [("pro", START)])
     billing.bill(conn, who, OCT, today=AFTER_OCT)
     with pytest.raises(BillingError, match="is final: put the correction in an open period"):
-        billing.add_adjustment(conn, who, OCT, Decimal("-10.00"), "meter fault", actor="ops")
+        billing.add_adjustment(
+            conn, who, OCT, Decimal("-10.00"), "meter fault", actor="ops", today=AFTER_OCT
+        )
     nov = date(2026, 11, 1)
     billing.add_adjustment(
-        conn, who, nov, Decimal("-10.00"), "credit for 2026-10 meter fault", actor="ops"
+        conn,
+        who,
+        nov,
+        Decimal("-10.00"),
+        "credit for 2026-10 meter fault",
+        actor="ops",
+        today=AFTER_OCT,
     )
     draft = billing.bill(conn, who, nov, today=AFTER_OCT)
     adjustment = [x for x in draft.invoice.lines if x.kind == "adjustment"]
@@ -246,7 +254,7 @@ def test_adjustments_are_explicit_lines_and_never_touch_a_final_invoice(conn):
         (Decimal("5"), " x ", "reason of 3 to 500"),
     ):
         with pytest.raises(BillingError, match=message):
-            billing.add_adjustment(conn, who, nov, amount, reason, actor="ops")
+            billing.add_adjustment(conn, who, nov, amount, reason, actor="ops", today=AFTER_OCT)
     kinds = [e["kind"] for e in billing.events(conn, who, nov)]
     assert "adjustment_added" in kinds
 
@@ -378,7 +386,9 @@ def make_usage_tenant(conn, slug, timezone, cycle_day, history, devices, seed):
             (first + timedelta(hours=40 + 30 * n), who.tenant_id, reason),
         )
     label = billing.period_containing(NIGHTS[-1], cycle_day).label
-    billing.add_adjustment(conn, who, label, Decimal("-1.25"), "goodwill credit", actor="t")
+    billing.add_adjustment(
+        conn, who, label, Decimal("-1.25"), "goodwill credit", actor="t", today=NIGHTS[-1]
+    )
     return who
 
 

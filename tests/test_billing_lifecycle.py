@@ -156,3 +156,29 @@ def test_an_old_day_over_the_quota_does_not_block_today(conn):
         "SELECT storage_blocked_at FROM tenants WHERE tenant_id = %s", (who.tenant_id,)
     ).fetchone()[0]
     assert blocked is None
+
+
+# Tokyo, cycle day 15, local date 2026-11-20: the open period is 2026-11 (Nov 15 to Dec 14, 30
+# days), the next 2026-12. Sao Paulo, cycle day 1, local date 2026-11-20: 2026-11 (Nov 1 to 30,
+# 30 days) and 2026-12. A -10.00 credit on the open draft, Tokyo: Nov 15 to 19, 5 days pro
+# 790 x 5 / 30 = 131.6667 -> 131.67, total 121.67; Sao Paulo: Nov 1 to 19, 19 days
+# 790 x 19 / 30 = 500.3333 -> 500.33, total 490.33.
+@pytest.mark.parametrize(
+    ("timezone", "cycle_day", "days", "base"),
+    [("Asia/Tokyo", 15, 5, Decimal("131.67")), ("America/Sao_Paulo", 1, 19, Decimal("500.33"))],
+)
+def test_adjustments_only_for_the_open_period_or_the_next(conn, timezone, cycle_day, days, base):
+    who = make_tenant(conn, "acme", [("pro", START)], timezone=timezone, cycle_day=cycle_day)
+    today = date(2026, 11, 20)
+    for label in (date(2019, 1, 1), date(2031, 7, 1), OCT, date(2027, 1, 1)):
+        with pytest.raises(BillingError, match="will not be invoiced again: an adjustment goes"):
+            billing.add_adjustment(
+                conn, who, label, Decimal("-10.00"), "outage", actor="ops", today=today
+            )
+    assert conn.execute("SELECT count(*) FROM billing_adjustments").fetchone() == (0,)
+    nov, dec = date(2026, 11, 1), date(2026, 12, 1)
+    billing.add_adjustment(conn, who, nov, Decimal("-10.00"), "outage", actor="ops", today=today)
+    billing.add_adjustment(conn, who, dec, Decimal("5.00"), "setup fee", actor="ops", today=today)
+    draft = billing.compute_invoice(conn, who, nov, today=today)
+    assert lines(draft) == [("base", days, base), ("adjustment", 1, Decimal("-10.00"))]
+    assert draft.total == base - Decimal("10.00")
