@@ -182,3 +182,54 @@ def test_adjustments_only_for_the_open_period_or_the_next(conn, timezone, cycle_
     draft = billing.compute_invoice(conn, who, nov, today=today)
     assert lines(draft) == [("base", days, base), ("adjustment", 1, Decimal("-10.00"))]
     assert draft.total == base - Decimal("10.00")
+
+
+# Cycle day 15: the period 2026-09 runs Sep 15 to Oct 14, 2026-10 from Oct 15.
+# - Tokyo (UTC+9): a change at 2026-10-10 03:00 UTC is Oct 10 12:00 local -> period 2026-09
+#   (the calendar month would say 2026-10); a change at 2026-10-14 16:00 UTC is Oct 15 01:00
+#   local -> 2026-10.
+# - Sao Paulo (UTC-3): 2026-10-15 02:59 UTC is Oct 14 23:59 local -> 2026-09 (the calendar
+#   month: 2026-10); 2026-10-15 03:00 UTC is Oct 15 00:00 local -> 2026-10.
+@pytest.mark.parametrize(
+    ("timezone", "in_september", "in_october"),
+    [
+        ("Asia/Tokyo", utc(2026, 10, 10, 3), utc(2026, 10, 14, 16)),
+        ("America/Sao_Paulo", utc(2026, 10, 15, 2, 59), utc(2026, 10, 15, 3)),
+    ],
+)
+def test_every_event_kind_is_labelled_with_the_billing_period(
+    conn, timezone, in_september, in_october
+):
+    who = make_tenant(
+        conn,
+        "acme",
+        [("enterprise", START), ("pro", in_september), ("enterprise", in_october)],
+        timezone=timezone,
+        cycle_day=15,
+    )
+    for at in (in_september, in_october):
+        conn.execute(
+            "INSERT INTO audit_log (occurred_at, actor, tenant_id, action, entity, entity_id)"
+            " VALUES (%s, 'test', %s, 'quota.device_blocked', 'device', 'x')",
+            (at, who.tenant_id),
+        )
+    # the storage quota's warning on the local day Oct 14, on pro (period 2026-09)
+    usage = billing.compute_daily_usage(conn, who, date(2026, 10, 14), Decimal(100))
+    usage.storage_bytes = 30 * 1024**3  # pro includes 20 GiB
+    assert billing.enforce_storage_quota(conn, who, usage, actor="test") is True
+    labelled = [
+        (e["kind"], e["period"])
+        for e in billing.events(conn, who)
+        if in_september <= e["occurred_at"] <= in_october or e["kind"] == "quota_warning"
+    ]
+    assert sorted(labelled) == sorted(
+        [
+            ("plan_changed", SEP),
+            ("quota_blocked", SEP),
+            ("plan_changed", OCT),
+            ("quota_blocked", OCT),
+            ("quota_warning", SEP),
+        ]
+    )
+    september = {e["kind"] for e in billing.events(conn, who, SEP)}
+    assert {"plan_changed", "quota_blocked", "quota_warning"} <= september
