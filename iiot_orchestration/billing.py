@@ -218,6 +218,31 @@ def _refuse_unbillable_period(who: Tenant, period: Period, today: date) -> None:
         raise BillingError(f"period {period.label:%Y-%m} of {who.slug} has not started yet")
 
 
+def _refuse_final_days(
+    conn: psycopg.Connection, pairs: list[tuple[Tenant, date]], todays: dict[int, date]
+) -> None:
+    """A day of a period with a final invoice is a snapshot that never changes (the database
+    refuses it too, migration 0024): say how to correct it instead."""
+    final = conn.execute(
+        "SELECT w.n, i.period FROM unnest(%s::integer[], %s::date[]) WITH ORDINALITY"
+        "       AS w (tenant_id, day, n)"
+        "  JOIN invoices i ON i.tenant_id = w.tenant_id AND i.status = 'final'"
+        "   AND w.day >= i.period_start AND w.day < i.period_end"
+        " ORDER BY w.n LIMIT 1",
+        _columns([(who.tenant_id, day) for who, day in pairs], 2),
+    ).fetchone()
+    if final is None:
+        return
+    who, day = pairs[final[0] - 1]
+    current = period_containing(todays[who.tenant_id], who.cycle_day).label
+    raise BillingError(
+        f"day {day} of {who.slug} belongs to the final invoice {final[1]:%Y-%m}: its usage is a "
+        "snapshot that never changes. To correct it, add an adjustment to the open period: "
+        f"iiot billing adjust --tenant {who.slug} --period {current:%Y-%m} --amount <amount> "
+        f'--reason "correction of {final[1]:%Y-%m}"'
+    )
+
+
 def billable_days(who: Tenant, period: Period, today: date) -> list[date]:
     """The period's days billed by ``today``: from the tenant's creation day (or the period's
     start) to yesterday (or the period's end)."""
@@ -624,6 +649,7 @@ def record_usage_many(
     todays = _todays(conn, (who for who, _ in pairs), today)
     for who, day in pairs:
         _refuse_unbillable_day(who, day, todays[who.tenant_id])
+    _refuse_final_days(conn, pairs, todays)
     per_reading = per_reading if per_reading is not None else bytes_per_reading(conn)
     by_id = {who.tenant_id: who for who, _ in pairs}
     with conn.transaction():

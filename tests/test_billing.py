@@ -53,6 +53,16 @@ def usage_rows(conn, who, days, **values):
         billing.save_daily_usage(conn, who, usage)
 
 
+def rewrite_final_usage(conn, statement, params):
+    """Change the usage of a final period as only a superuser still can (migration 0024's
+    triggers off): the way to test that a final invoice whose data changed fails loudly."""
+    conn.execute("ALTER TABLE billing_daily_usage DISABLE TRIGGER USER")
+    try:
+        conn.execute(statement, params)
+    finally:
+        conn.execute("ALTER TABLE billing_daily_usage ENABLE TRIGGER USER")
+
+
 def lines(invoice):
     return [(x.kind, x.quantity, x.amount) for x in invoice.lines]
 
@@ -210,11 +220,13 @@ def test_rerunning_a_final_month_changes_nothing_or_fails_loudly(conn):
     again = billing.bill(conn, who, OCT, today=AFTER_OCT)
     assert again.action == "unchanged"
     assert again.invoice.total == final.invoice.total
-    conn.execute(
+    change = (
         "UPDATE billing_daily_usage SET provisioned_devices = 1020 WHERE tenant_id = %s"
-        " AND day = '2026-10-05'",
-        (who.tenant_id,),
+        " AND day = '2026-10-05'"
     )
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="final invoice 2026-10"):
+        conn.execute(change, (who.tenant_id,))
+    rewrite_final_usage(conn, change, (who.tenant_id,))
     with pytest.raises(BillingError, match=r"no longer matches its data: total 4949\.00 stored"):
         billing.bill(conn, who, OCT, today=AFTER_OCT)
     stored = billing.stored_invoice(conn, who.tenant_id, OCT)
@@ -499,7 +511,8 @@ def test_bulk_billing_keeps_tenants_apart(conn):
     # finalise Tokyo's 2026-09, then change a day of it: only that request fails
     tokyo = mine[1]
     billing.bill(conn, tokyo, date(2026, 9, 1), today=NIGHTS[-1])
-    conn.execute(
+    rewrite_final_usage(
+        conn,
         "UPDATE billing_daily_usage SET plan_id = 'enterprise' WHERE tenant_id = %s"
         " AND day = '2026-10-10'",
         (tokyo.tenant_id,),

@@ -28,6 +28,7 @@ from iiot_orchestration.partitions import TENANTS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
 from sensors.billing import BILLING_TAG, nightly_bulk_requests, nightly_requests
+from tests.test_billing import rewrite_final_usage
 
 
 @pytest.fixture
@@ -149,7 +150,16 @@ def test_a_changed_final_month_fails_the_run_loudly(
 ):
     key = tenant_key("2026-10-01", "acme")
     assert materialize(database_url, [billing_invoice], key, tmp_path).success
-    conn.execute(
+    # a UI backfill of a day of the final month is refused, saying how to correct it
+    backfill = materialize(
+        database_url, [billing_daily_usage], tenant_key("2026-10-10", "acme", "day"), tmp_path
+    )
+    assert not backfill.success
+    failure = backfill.get_step_failure_events()[0].event_specific_data.error.message
+    assert "day 2026-10-10 of acme belongs to the final invoice 2026-10" in failure
+    assert "iiot billing adjust --tenant acme" in failure
+    rewrite_final_usage(
+        conn,
         "UPDATE billing_daily_usage SET provisioned_devices = 1200 WHERE tenant_id = %s",
         (acme.tenant_id,),
     )

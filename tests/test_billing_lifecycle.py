@@ -5,6 +5,7 @@ its comment, to the cent, against a real PostgreSQL."""
 from datetime import date
 from decimal import Decimal
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 
@@ -233,3 +234,39 @@ def test_every_event_kind_is_labelled_with_the_billing_period(
     )
     september = {e["kind"] for e in billing.events(conn, who, SEP)}
     assert {"plan_changed", "quota_blocked", "quota_warning"} <= september
+
+
+# Pro since January, 2026-10 final: Tokyo with cycle day 15 (Oct 15 to Nov 14, 31 days) and
+# Sao Paulo with cycle day 1 (Oct 1 to 31): 790 x 31 / 31 = 790.00 either way, and it stays so.
+@pytest.mark.parametrize(("timezone", "cycle_day"), [("Asia/Tokyo", 15), ("America/Sao_Paulo", 1)])
+def test_a_backfill_of_a_closed_day_is_refused(conn, timezone, cycle_day):
+    who = make_tenant(conn, "acme", [("pro", START)], timezone=timezone, cycle_day=cycle_day)
+    today = date(2026, 12, 5)
+    final = billing.bill(conn, who, OCT, today=today)
+    assert (final.action, final.invoice.total) == ("finalised", Decimal("790.00"))
+    day = date(2026, 10, 20)
+    snapshot = conn.execute(
+        "SELECT * FROM billing_daily_usage WHERE tenant_id = %s AND day = %s",
+        (who.tenant_id, day),
+    ).fetchone()
+    current = "2026-11" if cycle_day == 15 else "2026-12"
+    with pytest.raises(BillingError) as refused:
+        billing.record_usage(conn, who, [day], today=today)
+    assert str(refused.value).startswith(
+        "day 2026-10-20 of acme belongs to the final invoice 2026-10: its usage is a snapshot"
+    )
+    assert f"iiot billing adjust --tenant acme --period {current} " in str(refused.value)
+    for statement in (
+        "UPDATE billing_daily_usage SET messages = messages + 1 WHERE tenant_id = %s AND day = %s",
+        "DELETE FROM billing_daily_usage WHERE tenant_id = %s AND day = %s",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="final invoice 2026-10"):
+            conn.execute(statement, (who.tenant_id, day))
+    assert (
+        conn.execute(
+            "SELECT * FROM billing_daily_usage WHERE tenant_id = %s AND day = %s",
+            (who.tenant_id, day),
+        ).fetchone()
+        == snapshot
+    )
+    assert billing.bill(conn, who, OCT, today=today).action == "unchanged"
