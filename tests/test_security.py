@@ -895,6 +895,8 @@ def test_shadow_readings_through_the_writer_land_nothing_and_are_dead_lettered(c
     with connect(database_url, role="platform_rw") as service:
         writer = BatchWriter(service)
         shadow = writer.write(reading_batch(a, device_b, minute, now), [], now=now)
+        seen = conn.execute("SELECT last_seen FROM devices WHERE device_id = %s", (device_b,))
+        assert seen.fetchone()[0] is None  # a refused reading is no sign of life
         real = writer.write(reading_batch(b, device_b, minute, now), [], now=now)
     assert (shadow.landed, shadow.dead_letters) == (0, 60)
     assert real.landed == 60

@@ -86,9 +86,9 @@ WITH landed AS (
     RETURNING tenant_id, device_id, metric, ts
 ), seen AS (
     UPDATE devices d SET last_seen = greatest(d.last_seen, s.received_at)
-      FROM (SELECT device_id, max(received_at) AS received_at
-              FROM telemetry_staging GROUP BY device_id) s
-     WHERE d.device_id = s.device_id
+      FROM (SELECT tenant_id, device_id, max(received_at) AS received_at
+              FROM telemetry_staging GROUP BY tenant_id, device_id) s
+     WHERE d.device_id = s.device_id AND d.tenant_id = s.tenant_id
 ), dirty AS (
     INSERT INTO dirty_windows (tenant_id, window_start)
     SELECT DISTINCT tenant_id, date_trunc('hour', ts, 'UTC') FROM landed
