@@ -4,12 +4,14 @@ real PostgreSQL: what it answers, and that a batch retried after an outage is ju
 import multiprocessing
 import threading
 import time
+import types
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
 from iiot_orchestration.db import DatabaseUnavailable
+from ingest_daemon import judge as judge_module
 from ingest_daemon.validation import DEFAULT_LIMITS
 from ingest_daemon.worker import ProcessWriter, WorkerConfig, WorkerFailed, serve
 from ingest_daemon.writer import BatchWriter
@@ -37,7 +39,18 @@ def loop(database_url):
     assert not thread.is_alive()
 
 
-def test_a_batch_retried_after_an_outage_is_judged_once(conn, database_url, pg_server, loop):
+@pytest.fixture
+def still_clock(monkeypatch):
+    """The judge's rate buckets on a clock that does not move: at 3 messages a minute a bucket
+    refills a token every 20 s, which a loaded machine can spend between two judgings."""
+    monkeypatch.setattr(judge_module, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+
+
+def test_a_batch_retried_after_an_outage_is_judged_once(
+    conn, database_url, pg_server, still_clock, loop
+):
+    # the plan is changed before the loop's first request: the registry is read then, not
+    # when the thread starts (it was, and the test raced the cache's reload on NOTIFY)
     provision(conn, "starter")
     conn.execute("UPDATE plans SET messages_per_minute_per_device = 3")
     loop.send(("open",))
