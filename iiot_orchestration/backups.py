@@ -83,6 +83,7 @@ FINGERPRINTED_TABLES: tuple[str, ...] = (
     "invoice_lines",
     "billing_adjustments",
     "billing_events",
+    "billing_late_usage",
 )
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -45,6 +46,7 @@ EVENT_KINDS = (
     "adjustment_added",
     "quota_blocked",
     "quota_warning",
+    "late_usage",
 )
 
 
@@ -653,6 +655,7 @@ def record_usage_many(
     per_reading = per_reading if per_reading is not None else bytes_per_reading(conn)
     by_id = {who.tenant_id: who for who, _ in pairs}
     with conn.transaction():
+        _lock(conn, by_id.values())
         usage = compute_usage(conn, pairs, per_reading)
         done: dict[int, list[DailyUsage]] = {}
         for (tenant_id, _), day_usage in sorted(usage.items()):
@@ -817,8 +820,10 @@ def invoice_lines(
     period: Period,
     catalog: dict[str, Plan],
     adjustments: list[tuple[Decimal, str]] = (),  # type: ignore[assignment]
+    late: list[LateUsage] = (),  # type: ignore[assignment]
 ) -> list[Line]:
-    """The lines of a period from its days' usage: pure arithmetic, no database."""
+    """The lines of a period from its days' usage, its adjustments and the late usage of final
+    periods billed on it: pure arithmetic, no database."""
     days_in_period = Decimal(period.days)
     lines: list[Line] = []
     for plan_id, days in _segments(usage):
@@ -885,7 +890,138 @@ def invoice_lines(
                 "adjustment", f"Adjustment ({kind})", Decimal(1), "", amount, money(amount), reason
             )
         )
+    for x in late:
+        lines.append(
+            Line(
+                "adjustment",
+                f"Late usage of {x.day} (final invoice {x.source_period:%Y-%m}): "
+                f"{x.messages:,} messages, {x.readings:,} readings",
+                Decimal(x.overage_messages),
+                "messages over the rate",
+                x.unit_price,
+                x.amount,
+                f"received after the final invoice {x.source_period:%Y-%m} was computed",
+            )
+        )
     return lines
+
+
+@dataclass(frozen=True)
+class LateUsage:
+    """Usage of a final period's day that its invoice did not hold, billed on a later one."""
+
+    day: date
+    source_period: date
+    messages: int
+    readings: int
+    overage_messages: int
+    unit_price: Decimal
+    amount: Decimal
+
+
+def _late_usage(
+    conn: psycopg.Connection, keys: list[tuple[int, date]]
+) -> dict[tuple[int, date], list[LateUsage]]:
+    """The late usage billed on many (tenant_id, period label) invoices, by source day."""
+    result: dict[tuple[int, date], list[LateUsage]] = {}
+    if not keys:
+        return result
+    for tenant_id, period, *late in conn.execute(
+        "SELECT l.tenant_id, l.period, l.day, l.source_period, l.messages, l.readings,"
+        "       l.overage_messages, l.unit_price, l.amount"
+        "  FROM billing_late_usage l"
+        "  JOIN (SELECT DISTINCT * FROM unnest(%s::integer[], %s::date[])) AS w (tenant_id, period)"
+        "    ON l.tenant_id = w.tenant_id AND l.period = w.period"
+        " ORDER BY l.day, l.late_id",
+        _columns(keys, 2),
+    ):
+        result.setdefault((tenant_id, period), []).append(LateUsage(*late))
+    return result
+
+
+_BILLED_DAYS = """
+SELECT w.tenant_id, w.day, u.plan_id, (u.messages + coalesce(l.messages, 0))::bigint,
+       (u.readings + coalesce(l.readings, 0))::bigint,
+       (u.overage_messages + coalesce(l.overage_messages, 0))::bigint
+  FROM unnest(%s::integer[], %s::date[]) AS w (tenant_id, day)
+  JOIN billing_daily_usage u ON u.tenant_id = w.tenant_id AND u.day = w.day
+  LEFT JOIN LATERAL (SELECT sum(messages) AS messages, sum(readings) AS readings,
+                            sum(overage_messages) AS overage_messages
+                       FROM billing_late_usage x
+                      WHERE x.tenant_id = w.tenant_id AND x.day = w.day) l ON true
+"""
+
+_SAVE_LATE = """
+INSERT INTO billing_late_usage (tenant_id, day, source_period, period, plan_id, messages,
+                                readings, overage_messages, unit_price, amount)
+SELECT * FROM unnest(%s::integer[], %s::date[], %s::date[], %s::date[], %s::text[],
+                     %s::bigint[], %s::bigint[], %s::bigint[], %s::numeric[], %s::numeric[])
+"""
+
+
+def _settle_late_usage(
+    conn: psycopg.Connection, tenants: list[Tenant], today: date | None, actor: str
+) -> None:
+    """Take the tenants' late-usage marks (migration 0025) inside the caller's transaction,
+    which holds their advisory locks: a marked day of a period that is not final is computed
+    again (the draft or the final invoice picks it up); one of a final period is billed once on
+    the open invoice, as the difference between the day computed again and what was billed for
+    it (its snapshot and earlier late usage), with a ``late_usage`` event naming the day and the
+    counts. A mark whose day changed nothing bills nothing."""
+    marks = conn.execute(
+        "DELETE FROM billing_late_hours WHERE tenant_id = ANY(%s) RETURNING tenant_id, hour",
+        ([who.tenant_id for who in tenants],),
+    ).fetchall()
+    if not marks:
+        return
+    by_id = {who.tenant_id: who for who in tenants}
+    todays = _todays(conn, tenants, today)
+    days = sorted({(t, hour.astimezone(ZoneInfo(by_id[t].timezone)).date()) for t, hour in marks})
+    days = [(t, day) for t, day in days if by_id[t].created <= day < todays[t]]
+    final = {
+        (t, day): period
+        for t, day, period in conn.execute(
+            "SELECT w.tenant_id, w.day, i.period FROM unnest(%s::integer[], %s::date[])"
+            "       AS w (tenant_id, day)"
+            "  JOIN invoices i ON i.tenant_id = w.tenant_id AND i.status = 'final'"
+            "   AND w.day >= i.period_start AND w.day < i.period_end",
+            _columns(days, 2),
+        )
+    }
+    reopened = [(by_id[t], day) for t, day in days if (t, day) not in final]
+    if reopened:
+        record_usage_many(conn, reopened, actor=actor)
+    if not final:
+        return
+    recomputed = compute_usage(conn, [(by_id[t], day) for t, day in final])
+    billed = {
+        (t, day): rest for t, day, *rest in conn.execute(_BILLED_DAYS, _columns(list(final), 2))
+    }
+    catalog = plans(conn)
+    rows, events = [], []
+    for (t, day), source in sorted(final.items()):
+        plan_id, messages, readings, overage = billed[(t, day)]
+        now = recomputed[(t, day)]
+        more = (now.messages - messages, now.readings - readings, now.overage_messages - overage)
+        if not any(more):
+            continue
+        plan = catalog[plan_id]
+        price = Decimal(0) if plan.hard_block else plan.overage_price_per_1k_messages
+        amount = money(price * more[2] / THOUSAND)
+        label = period_containing(todays[t], by_id[t].cycle_day).label
+        rows.append((t, day, source, label, plan_id, *more, price, amount))
+        detail = {
+            "day": day.isoformat(),
+            "final_invoice": f"{source:%Y-%m}",
+            "messages": more[0],
+            "readings": more[1],
+            "overage_messages": more[2],
+            "amount": str(amount),
+        }
+        events.append((t, label, "late_usage", None, amount, Jsonb(detail)))
+    if rows:
+        conn.execute(_SAVE_LATE, _columns(rows, 10))
+        conn.execute(_SAVE_EVENTS, [actor, *_columns(events, 6)])
 
 
 def _fingerprint(usage: list[DailyUsage], catalog: dict[str, Plan], lines: list[Line]) -> str:
@@ -991,14 +1127,13 @@ def _compute_invoices(
         record_usage_many(conn, missing, today=today)
         loaded.update(usage_of(again))
     catalog = plans(conn)
-    adjustments = _adjustments(
-        conn, [(who.tenant_id, period.label) for _, who, period, _, _ in work]
-    )
+    keys = [(who.tenant_id, period.label) for _, who, period, _, _ in work]
+    adjustments = _adjustments(conn, keys)
+    late = _late_usage(conn, keys)
     for n, who, period, today_, _ in work:
         usage = loaded[n]
-        lines = invoice_lines(
-            usage, period, catalog, adjustments.get((who.tenant_id, period.label), [])
-        )
+        key = (who.tenant_id, period.label)
+        lines = invoice_lines(usage, period, catalog, adjustments.get(key, []), late.get(key, []))
         currency = catalog[usage[0].plan_id].currency if usage else catalog[who.plan_id].currency
         result[n] = Invoice(
             tenant_id=who.tenant_id,
@@ -1132,6 +1267,16 @@ SELECT w.tenant_id, w.period, w.kind, %s, w.before_amount, w.after_amount, w.det
 """
 
 
+def _lock(conn: psycopg.Connection, tenants: Iterable[Tenant]) -> None:
+    """The tenants' billing locks, in tenant order, until the transaction ends: one billing run
+    per tenant at a time, and ingest's late-usage marks (migration 0025) wait for it."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('iiot.billing'), t)"
+        "  FROM unnest(%s::integer[]) AS t",
+        (sorted({who.tenant_id for who in tenants}),),
+    )
+
+
 def _bill_batch(
     conn: psycopg.Connection,
     requests: list[tuple[Tenant, date]],
@@ -1143,12 +1288,9 @@ def _bill_batch(
     then the stored invoices, their lines and the events written with one statement each. A
     request that fails (a changed final invoice, a period not started) gives its BillingError
     and writes nothing of its own."""
-    tenant_ids = sorted({who.tenant_id for who, _ in requests})
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('iiot.billing'), t)"
-        "  FROM unnest(%s::integer[]) AS t",
-        (tenant_ids,),
-    )
+    tenants = list({who.tenant_id: who for who, _ in requests}.values())
+    _lock(conn, tenants)
+    _settle_late_usage(conn, tenants, today, actor)
     computed = _compute_invoices(conn, requests, today)
     stored = stored_invoices(
         conn,
@@ -1365,7 +1507,7 @@ def add_adjustment(
         raise BillingError("an adjustment needs a reason of 3 to 500 characters")
     period = period_of(label, who.cycle_day)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('iiot.billing'), %s)", (who.tenant_id,))
+        _lock(conn, [who])
         stored = stored_invoice(conn, who.tenant_id, period.label)
         if stored is not None and stored.status == "final":
             raise BillingError(

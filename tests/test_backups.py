@@ -57,6 +57,7 @@ def seed(conn: psycopg.Connection) -> None:
         conn.execute(
             "UPDATE tenants SET created_at = '2026-01-01' WHERE tenant_id = %s", (who.tenant_id,)
         )
+        who = billing.tenant(conn, slug)  # billing starts on its creation day
         registry.provision_devices(
             conn,
             slug,

@@ -2,7 +2,7 @@
 neither lost nor rewritten, versioned prices, quota notices. Each case is worked out by hand in
 its comment, to the cent, against a real PostgreSQL."""
 
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 import psycopg
@@ -270,3 +270,92 @@ def test_a_backfill_of_a_closed_day_is_refused(conn, timezone, cycle_day):
         == snapshot
     )
     assert billing.bill(conn, who, OCT, today=today).action == "unchanged"
+
+
+def late_batch(conn, who, hour, messages, readings, overage) -> None:
+    """A batch the daemon commits late (retried through an outage: it keeps its receive hour)."""
+    conn.execute(
+        "INSERT INTO ingest_usage (tenant_id, device_id, hour, messages, readings,"
+        " overage_messages) VALUES (%s, 1, %s, %s, %s, %s)",
+        (who.tenant_id, hour, messages, readings, overage),
+    )
+
+
+# Enterprise since January. A late batch of 2,000 messages, 6,000 readings, 12,345 of them over
+# the rate, lands after the period holding its day was finalised: 12,345 x 0.05 / 1000 = 0.61725
+# -> 0.62 on the open invoice (local date Nov 20).
+# - Sao Paulo, cycle day 1: the hour 2026-10-05 15:00 UTC is Oct 5 (final 2026-10); the open
+#   period 2026-11 (30 days) bills Nov 1 to 19: 4900 x 19 / 30 = 3103.3333 -> 3103.33, total
+#   3103.33 + 0.62 = 3103.95.
+# - Kolkata (UTC+5:30), cycle day 15: the hour 2026-10-10 18:00 UTC starts at 23:30 on Oct 10,
+#   the day it belongs to (final 2026-09, Sep 15 to Oct 14); the open period 2026-11 (Nov 15 to
+#   Dec 14, 30 days) bills Nov 15 to 19: 4900 x 5 / 30 = 816.6667 -> 816.67, total 817.29.
+@pytest.mark.parametrize(
+    ("timezone", "cycle_day", "hour", "day", "final", "base", "total"),
+    [
+        (
+            "America/Sao_Paulo",
+            1,
+            utc(2026, 10, 5, 15),
+            date(2026, 10, 5),
+            OCT,
+            ("base", 19, Decimal("3103.33")),
+            Decimal("3103.95"),
+        ),
+        (
+            "Asia/Kolkata",
+            15,
+            utc(2026, 10, 10, 18),
+            date(2026, 10, 10),
+            SEP,
+            ("base", 5, Decimal("816.67")),
+            Decimal("817.29"),
+        ),
+    ],
+)
+def test_a_late_batch_after_finalisation_is_billed_once_on_the_open_invoice(
+    conn, timezone, cycle_day, hour, day, final, base, total
+):
+    who = make_tenant(conn, "acme", [("enterprise", START)], timezone=timezone, cycle_day=cycle_day)
+    today, nov = date(2026, 11, 20), date(2026, 11, 1)
+    closed = billing.bill(conn, who, final, today=today)
+    assert closed.action == "finalised"
+    late_batch(conn, who, hour, 2000, 6000, 12345)
+    for _ in range(2):  # the second run finds nothing new: billed once
+        draft = billing.bill(conn, who, nov, today=today)
+        assert lines(draft.invoice) == [base, ("adjustment", 12345, Decimal("0.62"))]
+        assert draft.invoice.total == total
+    assert draft.invoice.lines[-1].description == (
+        f"Late usage of {day} (final invoice {final:%Y-%m}): 2,000 messages, 6,000 readings"
+    )
+    [late] = [e for e in billing.events(conn, who) if e["kind"] == "late_usage"]
+    assert (late["period"], late["after"]) == (nov, Decimal("0.62"))
+    assert late["detail"] == {
+        "day": f"{day}",
+        "final_invoice": f"{final:%Y-%m}",
+        "messages": 2000,
+        "readings": 6000,
+        "overage_messages": 12345,
+        "amount": "0.62",
+    }
+    assert billing.bill(conn, who, final, today=today).action == "unchanged"
+    # more of the same day later: only the difference, 1,000 x 0.05 / 1000 = 0.05
+    late_batch(conn, who, hour + timedelta(hours=1), 10, 10, 1000)
+    again = billing.bill(conn, who, nov, today=today)
+    assert lines(again.invoice)[-1] == ("adjustment", 1000, Decimal("0.05"))
+    assert again.invoice.total == total + Decimal("0.05")
+
+
+# Pro, Sao Paulo, cycle day 1, local date Oct 20: Oct 1 to 19 are stored by the draft. A late
+# batch for Oct 5 (400 messages, 1,200 readings) is picked up by the next draft: Oct 5 now holds
+# them. Pro bills no per-message price: 790 x 19 / 31 = 484.1935 -> 484.19 before and after.
+def test_late_usage_of_an_open_period_is_picked_up_by_the_draft(conn):
+    who = make_tenant(conn, "acme", [("pro", START)])
+    today = date(2026, 10, 20)
+    first = billing.bill(conn, who, OCT, today=today)
+    late_batch(conn, who, utc(2026, 10, 5, 15), 400, 1200, 0)
+    second = billing.bill(conn, who, OCT, today=today)
+    assert lines(first.invoice) == lines(second.invoice) == [("base", 19, Decimal("484.19"))]
+    [oct5] = billing.load_daily_usage(conn, who, [date(2026, 10, 5)])
+    assert (oct5.messages, oct5.readings) == (400, 1200)
+    assert [e for e in billing.events(conn, who) if e["kind"] == "late_usage"] == []
