@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.raw_telemetry import raw_telemetry
 from iiot_orchestration import dead_letters
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
@@ -14,6 +15,7 @@ NO_EXPIRED_DEAD_LETTERS = "no_expired_dead_letters"
 
 @dg.asset(
     group_name="ingest",
+    deps=[raw_telemetry],
     kinds={"postgres"},
     owners=["team:platform"],
     code_version="1",

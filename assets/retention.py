@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from assets.raw_telemetry import raw_telemetry
 from iiot_orchestration import retention
 from iiot_orchestration.archive import Store, open_store
 from iiot_orchestration.resources import PostgresResource
@@ -65,6 +66,7 @@ def _tenant_days_markdown(run: retention.RetentionRun) -> str:
 @dg.asset(
     **RETENTION_ASSET,
     partitions_def=RETENTION_PARTITIONS,
+    deps=[raw_telemetry],
     # a run removes everything out of retention by the end of its day, so a range needs one run
     backfill_policy=dg.BackfillPolicy.single_run(),
     kinds={"postgres", "parquet"},

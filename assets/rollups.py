@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.raw_telemetry import raw_telemetry
 from iiot_orchestration import rollups
+from iiot_orchestration.partitions import PARTITIONS_START
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
 
@@ -17,7 +19,6 @@ HOURS_TAG = "iiot/hours"
 # the late-data sensor's runs: their hours were rolled up before, so only the devices the ingest
 # daemon marked dirty in them are rewritten (a count check falls back to the whole hours)
 LATE_DAY_TAG = "iiot/late_day"
-PARTITIONS_START = "2026-01-01"
 ROLLUP_PARTITIONS = dg.DailyPartitionsDefinition(
     start_date=PARTITIONS_START, timezone="UTC", end_offset=1
 )
@@ -92,6 +93,7 @@ def _describe(windows: list[rollups.Window]) -> str:
 
 @dg.asset(
     **ROLLUP_ASSET,
+    deps=[raw_telemetry],
     check_specs=[
         blocking_check(
             COUNTS_MATCH,

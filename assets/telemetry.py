@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.raw_telemetry import raw_telemetry
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
 from iiot_orchestration.storage import storage_for
@@ -14,6 +15,7 @@ PARTITIONS_BEHIND_DAYS = 1
 
 @dg.asset(
     group_name="ingest",
+    deps=[raw_telemetry],
     kinds={"postgres"},
     owners=["team:platform"],
     code_version="1",

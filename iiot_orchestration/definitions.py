@@ -10,6 +10,7 @@ from assets import (
     dead_letters,
     marts,
     quality,
+    raw_telemetry,
     reports,
     retention,
     rollups,
@@ -25,6 +26,7 @@ from sensors import billing as billing_schedules
 from sensors import certificates as certificate_schedules
 from sensors import dead_letters as dead_letter_schedules
 from sensors import marts as mart_schedules
+from sensors import raw_telemetry as raw_telemetry_sensors
 from sensors import reports as report_sensors
 from sensors import retention as retention_schedules
 from sensors import rollups as rollup_sensors
@@ -32,20 +34,23 @@ from sensors import schedules
 from sensors import tenants as tenant_sensors
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(
-        [
-            telemetry,
-            rollups,
-            marts,
-            billing,
-            alerts,
-            reports,
-            backups,
-            certificates,
-            retention,
-            dead_letters,
-        ]
-    ),
+    assets=[
+        raw_telemetry.raw_telemetry,  # an AssetSpec: load_assets_from_modules skips specs
+        *dg.load_assets_from_modules(
+            [
+                telemetry,
+                rollups,
+                marts,
+                billing,
+                alerts,
+                reports,
+                backups,
+                certificates,
+                retention,
+                dead_letters,
+            ]
+        ),
+    ],
     asset_checks=dg.load_asset_checks_from_modules(
         [
             telemetry,
@@ -95,6 +100,7 @@ defs = dg.Definitions(
         dead_letter_schedules.dead_letter_retention_schedule,
     ],
     sensors=[
+        raw_telemetry_sensors.raw_telemetry_sensor,
         rollup_sensors.late_telemetry_sensor,
         tenant_sensors.tenant_partitions_sensor,
         billing_schedules.nightly_billing_sensor,
