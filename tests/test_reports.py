@@ -2,6 +2,7 @@
 October 2026 are rolled up, the dbt marts are built through Dagster (once for the module: it
 takes a few seconds), and the PDF and XLSX files are read back and compared with SQL."""
 
+import re
 import shutil
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from openpyxl import Workbook, load_workbook
 from pypdf import PdfReader
+from reportlab.graphics.charts.linecharts import HorizontalLineChart
 
 from assets.marts import dbt_resource, marts
 from assets.reports import (
@@ -43,7 +45,7 @@ from iiot_orchestration.reports.data import (
 )
 from iiot_orchestration.reports.files import atomic_file, report_path
 from iiot_orchestration.reports.labels import labels_for, parse_number
-from iiot_orchestration.reports.pdf import render_pdf
+from iiot_orchestration.reports.pdf import _daily_chart, render_pdf
 from iiot_orchestration.reports.verify import pdf_text, verify_files
 from iiot_orchestration.reports.xlsx import build_sheets, count_rows, render_xlsx
 from iiot_orchestration.resources import PostgresResource
@@ -53,7 +55,9 @@ from tests.conftest import REPO_ROOT, create_database, drop_database
 
 NOW = datetime(2026, 11, 2, 12, 30, tzinfo=UTC)
 DOCS_IMAGE = REPO_ROOT / "docs" / "images" / "report-first-page.png"
-DEVICE_HEADER = "# Device MAC Meter kind Consumption Share Previous month Change Hours with data"
+DEVICE_HEADER = (
+    "# Device MAC Meter kind Consumption Share Previous month Change Hours with data / in period"
+)
 OCTOBER = "2026-10"
 FORMULA_NAME = '=HYPERLINK("http://example.invalid","gas")'
 # (tenant, device name) -> (MAC, kind); acme is in Sao Paulo (UTC-3, no DST since 2019)
@@ -603,6 +607,159 @@ def test_the_workbook_is_streamed_and_keeps_up_with_many_rows(tmp_path):
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     rows = sheet_rows(tmp_path / "big.xlsx", "Device days")
     assert len(rows) == 1 + 300 * 30
+
+
+NOISY = 0.5010000000002037  # a sum of register differences, as the marts carry it
+
+
+def small_water_report(locale: str = "pt_BR", now: datetime = NOW) -> ConsumptionReport:
+    """Two water meters of about half a cubic metre a month in UTC, their values carrying the
+    float noise of summed register differences; open until ``now`` when that is in October."""
+    tenant = TenantInfo(1, "aqua", "Aqua", "UTC", locale, "active", NOW)
+    october = parse_period("2026-10")
+    end = min(now, october.bounds("UTC")[1])
+    elapsed = [day for day in october.days if datetime.combine(day, datetime.min.time(), UTC) < end]
+    per_day = [(0.1 + 0.2) / 9, NOISY / 31]  # 0.0333..., 0.01616...
+    lines = tuple(
+        DeviceLine(
+            device_id=n,
+            mac=f"02:00:00:00:0c:0{n}",
+            name=f"Torneira {n}",
+            meter_kind="water",
+            status="active",
+            unit="m3",
+            consumption=per_day[n] * len(elapsed),
+            readings=24 * len(elapsed),
+            days_with_data=len(elapsed),
+            hours_with_data=24 * len(elapsed) - 3,
+            counter_resets=0,
+            previous_consumption=0.4000000000000001,
+            rank=n + 1,
+            share=None,
+            expected_hours=24 * len(elapsed),
+        )
+        for n in range(2)
+    )
+    days = tuple(DeviceDay(day, n, "m3", per_day[n], 24, 24) for day in elapsed for n in range(2))
+    return ConsumptionReport(
+        tenant=tenant,
+        period=october,
+        generated_at=now,
+        data_until=end,
+        period_hours=24 * len(elapsed),
+        devices=lines,
+        device_days=days,
+        dead_letters=(),
+        alerts=Alerts(available=False),
+    )
+
+
+def chart_page(texts: list[str], title: str) -> str:
+    return next(t for t in texts if title in t)
+
+
+def test_axes_and_bar_labels_show_the_decimals_the_unit_needs(tmp_path):
+    report = small_water_report()
+    render_pdf(report, tmp_path / "r.pdf")
+    texts = [page.extract_text() for page in PdfReader(tmp_path / "r.pdf").pages]
+    daily = chart_page(texts, "Consumo diário (m3)").split("\n")
+    # the value axis of a daily volume of a few hundredths: ticks that differ, not "0,0" each
+    ticks = [t for t in daily if re.fullmatch(r"0(,[0-9]+)?", t)]
+    assert len(set(ticks)) == len(ticks) >= 3, ticks
+    assert "0,0" not in ticks
+    top = chart_page(texts, "Maiores consumidores (m3)")
+    # the bar labels: each device's volume to the register's 0.001 (they read "0,5" and "1,0")
+    assert "1,033\n" in top
+    assert "0,501\n" in top
+
+    render_xlsx(report, tmp_path / "r.xlsx")
+    [chart] = load_workbook(tmp_path / "r.xlsx")["Diário"]._charts
+    # hundredths of a cubic metre a day: "#,##0" showed 0 at every tick
+    assert chart.y_axis.number_format.formatCode == "#,##0.00"
+    big = synthetic_report(3)  # 0.2 kWh a day
+    render_xlsx(big, tmp_path / "big.xlsx")
+    [chart] = load_workbook(tmp_path / "big.xlsx")["Daily"]._charts
+    assert chart.y_axis.number_format.formatCode == "#,##0.00"
+
+
+def test_the_future_days_of_an_open_period_are_not_plotted(tmp_path):
+    report = small_water_report(now=datetime(2026, 10, 15, 12, 0, tzinfo=UTC))
+    assert report.open_period
+    drawing = _daily_chart(report, "m3")
+    [chart] = [c for c in drawing.contents if isinstance(c, HorizontalLineChart)]
+    for series in chart.data:
+        assert len(series) == 31  # the month's days on the axis
+        assert None not in series[:15]  # Oct 1 to Oct 15 (today, partly)
+        assert series[15:] == [None] * 16  # not a line down to 0
+    render_xlsx(report, tmp_path / "r.xlsx")
+    daily = table(sheet_rows(tmp_path / "r.xlsx", "Diário"), "Dia")
+    assert [row["Dia"].date() for row in daily] == [date(2026, 10, d) for d in range(1, 16)]
+
+
+def consumption_cells(path: Path) -> list[float]:
+    """Every volume or energy value of the workbook (not counts, shares or changes in %)."""
+    wb = load_workbook(path)
+    return [
+        cell.value
+        for ws in wb
+        for row in ws.iter_rows()
+        for cell in row
+        if cell.data_type == "n"
+        and cell.value is not None
+        and ('"kWh"' in cell.number_format or '"m3"' in cell.number_format)
+    ]
+
+
+def test_values_are_rounded_to_the_meter_resolution_in_both_files(conn, tmp_path):
+    for report, path in (
+        (small_water_report(), tmp_path / "small"),
+        (make(conn, root=tmp_path / "acme", formats=[])[0], tmp_path / "acme"),
+    ):
+        render_xlsx(report, path.with_suffix(".xlsx"))
+        values = consumption_cells(path.with_suffix(".xlsx"))
+        assert len(values) > 20
+        noisy = [v for v in values if v != round(v, 3)]
+        assert noisy == [], noisy[:5]
+        render_pdf(report, path.with_suffix(".pdf"))
+        assert not re.search(r"[0-9][.,][0-9]{4,}", pdf_text(path.with_suffix(".pdf")))
+    line = small_water_report(now=datetime(2026, 11, 2, tzinfo=UTC)).devices[1]
+    assert (line.consumption, line.change) == (0.501, 0.101)  # not 0.5010000000002037
+
+
+@pytest.mark.parametrize("locale", ["pt_BR", "en"])
+def test_table_headers_break_between_words_only(tmp_path, locale):
+    report = synthetic_report(12, locale)
+    labels = report.labels
+    render_pdf(report, tmp_path / "r.pdf")
+    lines = set(pdf_text(tmp_path / "r.pdf").split("\n"))
+    words = {
+        word
+        for key in ("share", "completeness", "consumption", "device", "previous_month", "hours")
+        for word in labels[key].split()
+    }
+    broken = {w for w in words if w not in " ".join(lines).split()}
+    assert broken == set()  # "Participação", never "Participaç" / "ão"
+    render_xlsx(report, tmp_path / "r.xlsx")
+    for ws in load_workbook(tmp_path / "r.xlsx"):
+        header = next(row for row in ws.iter_rows() if row[0].fill.fgColor.rgb == "001F4E79")
+        for cell in header:
+            width = ws.column_dimensions[cell.column_letter].width
+            longest = max(len(word) for word in str(cell.value).split())
+            assert longest + 2 <= width, (ws.title, cell.value, width)
+
+
+def test_the_summary_says_what_its_hours_and_percentages_are(conn, tmp_path):
+    _, files = make(conn, root=tmp_path, formats=["pdf"])
+    first = pdf_text(files["pdf"].path, 1)
+    # energy: 744 + 504 + 0 hours with data out of 3 devices x 744 hours
+    assert "1.248/2.232\n55,9 %" in first
+    flat = " ".join(first.split())
+    assert "Horas com dados / no período" in flat
+    assert "Completude (% das horas)" in flat
+    assert (
+        "Horas com dados: horas com pelo menos uma leitura, somadas sobre os dispositivos do tipo, "
+        "de um total de horas do período vezes o número de dispositivos" in flat
+    )
 
 
 @pytest.mark.parametrize(

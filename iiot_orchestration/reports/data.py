@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.reports.labels import Labels, labels_for
+from iiot_orchestration.reports.units import to_resolution
 
 MAX_PERIOD_DAYS = 366
 MIN_YEAR, MAX_YEAR = 2000, 2100
@@ -194,11 +195,17 @@ class DeviceLine:
     share: float | None
     expected_hours: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consumption", to_resolution(self.consumption, self.unit))
+        if self.previous_consumption is not None:
+            previous = to_resolution(self.previous_consumption, self.unit)
+            object.__setattr__(self, "previous_consumption", previous)
+
     @property
     def change(self) -> float | None:
         if self.previous_consumption is None:
             return None
-        return self.consumption - self.previous_consumption
+        return to_resolution(self.consumption - self.previous_consumption, self.unit)
 
     @property
     def change_ratio(self) -> float | None:
@@ -249,6 +256,9 @@ class DeviceDay:
     readings: int
     hours_with_data: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consumption", to_resolution(self.consumption, self.unit))
+
 
 @dataclass(frozen=True)
 class Alerts:
@@ -292,19 +302,32 @@ class ConsumptionReport:
         """(meter kind, unit) pairs in the report's order."""
         return [(s.meter_kind, s.unit) for s in self.summary]
 
+    @property
+    def elapsed_days(self) -> list[date]:
+        """The period's local days that have begun by ``data_until`` (all, once it closed):
+        an open period's later days have no data yet, rather than none consumed."""
+        zone = ZoneInfo(self.tenant.timezone)
+        return [
+            day for day in self.period.days if datetime.combine(day, time(), zone) < self.data_until
+        ]
+
     def devices_by_id(self) -> dict[int, DeviceLine]:
         return {line.device_id: line for line in self.devices}
 
     def daily_totals(self) -> dict[date, dict[tuple[str, str], float]]:
-        """Per local day of the period, the tenant's consumption per (meter kind, unit)."""
+        """Per elapsed local day of the period, the tenant's consumption per (meter kind, unit),
+        to the unit's resolution."""
         kinds = {line.device_id: line.meter_kind for line in self.devices}
         totals: dict[date, dict[tuple[str, str], float]] = {
-            day: dict.fromkeys(self.units, 0.0) for day in self.period.days
+            day: dict.fromkeys(self.units, 0.0) for day in self.elapsed_days
         }
         for row in self.device_days:
             key = (kinds.get(row.device_id, ""), row.unit)
             if row.local_day in totals and key in totals[row.local_day]:
                 totals[row.local_day][key] += row.consumption
+        for day_totals in totals.values():
+            for key, value in day_totals.items():
+                day_totals[key] = to_resolution(value, key[1])
         return totals
 
 
@@ -324,11 +347,11 @@ def summarise(lines: Sequence[DeviceLine]) -> tuple[KindSummary, ...]:
                 unit=unit,
                 devices=len(members),
                 devices_with_data=sum(m.readings > 0 for m in members),
-                consumption=sum(m.consumption for m in members),
+                consumption=to_resolution(sum(m.consumption for m in members), unit),
                 readings=sum(m.readings for m in members),
                 hours_with_data=sum(m.hours_with_data for m in members),
                 expected_hours=sum(m.expected_hours for m in members),
-                previous_consumption=sum(previous) if previous else None,
+                previous_consumption=to_resolution(sum(previous), unit) if previous else None,
             )
         )
     return tuple(summaries)

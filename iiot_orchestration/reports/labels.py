@@ -111,7 +111,9 @@ _WORDS_EN = {
     "change": "Change",
     "hours": "Hours with data",
     "expected_hours": "Hours in period",
+    "hours_of_period": "Hours with data / in period",
     "completeness": "Completeness",
+    "completeness_of_hours": "Completeness (% of hours)",
     "days_with_data": "Days with data",
     "counter_resets": "Counter resets",
     "daily": "Daily consumption",
@@ -153,6 +155,11 @@ _WORDS_EN = {
         "Completeness: hours with at least one reading of a consumption register, out of the "
         "hours of the period (up to the generation time for an open period)."
     ),
+    "hours_note": (
+        "Hours with data: hours with at least one reading, summed over the devices of the kind, "
+        "out of the hours of the period times the number of devices; completeness is the ratio "
+        "of the two."
+    ),
     "change_note": "Change: against the same device's consumption in the {previous}.",
     "previous_lower_month": "previous month",
     "previous_lower_week": "previous week",
@@ -182,7 +189,9 @@ _WORDS_PT = {
     "change": "Variação",
     "hours": "Horas com dados",
     "expected_hours": "Horas no período",
+    "hours_of_period": "Horas com dados / no período",
     "completeness": "Completude",
+    "completeness_of_hours": "Completude (% das horas)",
     "days_with_data": "Dias com dados",
     "counter_resets": "Reinícios do contador",
     "daily": "Consumo diário",
@@ -223,6 +232,11 @@ _WORDS_PT = {
     "completeness_note": (
         "Completude: horas com pelo menos uma leitura de um registrador de consumo, sobre as "
         "horas do período (até o momento da geração, num período em aberto)."
+    ),
+    "hours_note": (
+        "Horas com dados: horas com pelo menos uma leitura, somadas sobre os dispositivos do "
+        "tipo, de um total de horas do período vezes o número de dispositivos; a completude é a "
+        "razão entre as duas."
     ),
     "change_note": "Variação: em relação ao consumo do mesmo dispositivo no {previous}.",
     "previous_lower_month": "mês anterior",

@@ -20,6 +20,7 @@ from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
+from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     BaseDocTemplate,
@@ -37,6 +38,7 @@ from reportlab.platypus import (
 
 from iiot_orchestration.reports.data import ConsumptionReport, DeviceLine
 from iiot_orchestration.reports.labels import Labels
+from iiot_orchestration.reports.units import AxisScale, axis_scale, decimals
 
 Progress = Callable[[int, int], None]
 PAGE_WIDTH, PAGE_HEIGHT = A4
@@ -97,8 +99,15 @@ def _short(value: str, limit: int = NAME_CHARS) -> str:
 
 
 HEADER_STYLE = ParagraphStyle(
-    "table_header", fontName="Helvetica-Bold", fontSize=7, leading=8.5, textColor=colors.white
+    "table_header",
+    fontName="Helvetica-Bold",
+    fontSize=7,
+    leading=8.5,
+    textColor=colors.white,
+    splitLongWords=False,  # "Participação", never "Participaç" over "ão"
 )
+CELL_FONT, CELL_SIZE = "Helvetica", 7
+CELL_PADDING = 3 + 3 + 1  # left and right padding of _table_style, and a point to spare
 HEADER_STYLE_RIGHT = ParagraphStyle("table_header_right", parent=HEADER_STYLE, alignment=TA_RIGHT)
 
 
@@ -108,6 +117,34 @@ def _header_cells(texts: list[str], numeric_from: int) -> list[Paragraph]:
         Paragraph(_text(text), HEADER_STYLE_RIGHT if n >= numeric_from else HEADER_STYLE)
         for n, text in enumerate(texts)
     ]
+
+
+def _fitted_widths(
+    header: list[str], rows: list[list[str]], preferred_mm: list[float]
+) -> list[float]:
+    """Column widths in points, each at least its longest header word and its widest cell, so
+    that a header wraps between words and no value spills into the next column; what that adds
+    is taken from the columns with room to spare, so the table keeps its width."""
+    needed = []
+    for n, text in enumerate(header):
+        word = max(
+            (stringWidth(w, HEADER_STYLE.fontName, HEADER_STYLE.fontSize) for w in text.split()),
+            default=0.0,
+        )
+        cell = max((stringWidth(row[n], CELL_FONT, CELL_SIZE) for row in rows), default=0.0)
+        needed.append(max(word, cell) + CELL_PADDING)
+    widths = [max(p * mm, need) for p, need in zip(preferred_mm, needed, strict=True)]
+    excess = sum(widths) - sum(preferred_mm) * mm
+    room = [w - need for w, need in zip(widths, needed, strict=True)]
+    if excess > 0 and sum(room) > 0:
+        taken = min(excess, sum(room))
+        widths = [w - taken * r / sum(room) for w, r in zip(widths, room, strict=True)]
+    return widths
+
+
+def _amount(labels: Labels, value: float | None, unit: str) -> str:
+    """A consumption to its unit's resolution, in the report's number format."""
+    return labels.number(value, decimals(unit))
 
 
 def _table_style(header_rows: int = 1, numeric_from: int = 1) -> TableStyle:
@@ -176,29 +213,29 @@ def _summary_table(report: ConsumptionReport) -> Table:
         labels["devices_with_data"],
         labels["consumption"],
         labels["readings"],
-        labels["hours"],
-        labels["completeness"],
+        labels["hours_of_period"],
+        labels["completeness_of_hours"],
         previous or labels["previous"],
         labels["change"],
     ]
-    rows: list[list[Any]] = [_header_cells(header, numeric_from=2)]
-    for s in report.summary:
-        rows.append(
-            [
-                labels.kind(s.meter_kind),
-                s.unit,
-                str(s.devices),
-                str(s.devices_with_data),
-                labels.number(s.consumption),
-                labels.number(s.readings, 0),
-                labels.number(s.hours_with_data, 0),
-                labels.percent(s.completeness),
-                labels.number(s.previous_consumption),
-                labels.percent(s.change_ratio, signed=True),
-            ]
-        )
-    widths = [20, 12, 19, 15, 23, 18, 18, 19, 21, 13]
-    table = Table(rows, colWidths=[w * mm for w in widths], repeatRows=1, hAlign="LEFT")
+    rows = [
+        [
+            labels.kind(s.meter_kind),
+            s.unit,
+            str(s.devices),
+            str(s.devices_with_data),
+            _amount(labels, s.consumption, s.unit),
+            labels.number(s.readings, 0),
+            f"{labels.number(s.hours_with_data, 0)}/{labels.number(s.expected_hours, 0)}",
+            labels.percent(s.completeness),
+            _amount(labels, s.previous_consumption, s.unit),
+            labels.percent(s.change_ratio, signed=True),
+        ]
+        for s in report.summary
+    ]
+    widths = _fitted_widths(header, rows, [20, 12, 19, 15, 23, 16, 22, 19, 19, 13])
+    cells: list[list[Any]] = [_header_cells(header, numeric_from=2), *rows]
+    table = Table(cells, colWidths=widths, repeatRows=1, hAlign="LEFT")
     table.setStyle(_table_style(numeric_from=2))
     return table
 
@@ -230,6 +267,7 @@ def _cover(report: ConsumptionReport, styles: dict[str, ParagraphStyle]) -> list
         story.append(_summary_table(report))
     story += [
         Spacer(1, 3 * mm),
+        Paragraph(_text(labels["hours_note"]), styles["note"]),
         Paragraph(_text(labels["completeness_note"]), styles["note"]),
         Paragraph(_text(_change_note(report)), styles["note"]),
     ]
@@ -241,6 +279,15 @@ def _change_note(report: ConsumptionReport) -> str:
     return labels["change_note"].format(previous=labels[f"previous_lower_{report.period.kind}"])
 
 
+def _scale_axis(chart: Any, scale: AxisScale, labels: Labels) -> None:
+    axis = chart.valueAxis
+    axis.valueMin, axis.valueMax, axis.valueStep = 0, scale.top, scale.step
+    axis.labels.fontSize = 6.5
+    axis.labelTextFormat = lambda v: labels.number(v, scale.decimals)
+    axis.visibleGrid = True
+    axis.gridStrokeColor = GRID
+
+
 def _daily_chart(report: ConsumptionReport, unit: str) -> Drawing:
     labels = report.labels
     totals = report.daily_totals()
@@ -250,7 +297,11 @@ def _daily_chart(report: ConsumptionReport, unit: str) -> Drawing:
     chart = HorizontalLineChart()
     chart.x, chart.y = 14 * mm, 12 * mm
     chart.width, chart.height = CONTENT_WIDTH - 18 * mm, 42 * mm
-    chart.data = [[totals[day][key] for day in days] for key in keys]
+    # the days an open period has not reached yet are left out of the line, not drawn as 0
+    chart.data = [[totals[day][key] if day in totals else None for day in days] for key in keys]
+    scale = axis_scale(
+        max((v for values in totals.values() for v in values.values()), default=0), unit
+    )
     step = max(1, math.ceil(len(days) / 16))
     chart.categoryAxis.categoryNames = [
         labels.day(day)[:5] if n % step == 0 else "" for n, day in enumerate(days)
@@ -258,11 +309,7 @@ def _daily_chart(report: ConsumptionReport, unit: str) -> Drawing:
     chart.categoryAxis.labels.fontSize = 6
     chart.categoryAxis.labels.angle = 45
     chart.categoryAxis.labels.boxAnchor = "ne"
-    chart.valueAxis.valueMin = 0
-    chart.valueAxis.labels.fontSize = 6.5
-    chart.valueAxis.labelTextFormat = lambda v: labels.number(v, 0 if v >= 10 else 1)
-    chart.valueAxis.visibleGrid = True
-    chart.valueAxis.gridStrokeColor = GRID
+    _scale_axis(chart, scale, labels)
     for n, (kind, _) in enumerate(keys):
         chart.lines[n].strokeColor = SERIES_COLORS.get(kind, BRAND)
         chart.lines[n].strokeWidth = 1.5
@@ -294,14 +341,10 @@ def _device_chart(report: ConsumptionReport, kind: str, unit: str) -> Drawing:
     chart.categoryAxis.categoryNames = [_short(d.name, 34) for d in top]
     chart.categoryAxis.labels.fontSize = 6.5
     chart.categoryAxis.labels.boxAnchor = "e"
-    chart.valueAxis.valueMin = 0
-    chart.valueAxis.labels.fontSize = 6.5
-    chart.valueAxis.labelTextFormat = lambda v: labels.number(v, 0 if v >= 10 else 1)
-    chart.valueAxis.visibleGrid = True
-    chart.valueAxis.gridStrokeColor = GRID
+    _scale_axis(chart, axis_scale(max((d.consumption for d in top), default=0), unit), labels)
     chart.bars[0].fillColor = SERIES_COLORS.get(kind, BRAND)
     chart.bars[0].strokeColor = None
-    chart.barLabelFormat = lambda v: labels.number(v, 1)
+    chart.barLabelFormat = lambda v: _amount(labels, v, unit)
     chart.barLabels.fontSize = 6
     chart.barLabels.boxAnchor = "w"
     chart.barLabels.dx = 2
@@ -317,19 +360,19 @@ def _device_row(line: DeviceLine, labels: Labels) -> list[str]:
         _short(line.name),
         line.mac,
         labels.kind(line.meter_kind),
-        f"{labels.number(line.consumption)} {line.unit}",
+        f"{_amount(labels, line.consumption, line.unit)} {line.unit}",
         labels.percent(line.share),
-        labels.number(line.previous_consumption),
+        _amount(labels, line.previous_consumption, line.unit),
         labels.percent(line.change_ratio, signed=True),
         f"{line.hours_with_data}/{line.expected_hours}",
         labels.percent(line.completeness),
     ]
 
 
-def _device_header(report: ConsumptionReport) -> list[Paragraph]:
+def _device_header(report: ConsumptionReport) -> list[str]:
     labels = report.labels
     previous = labels[f"previous_{report.period.kind}"] if report.period.kind != "range" else None
-    texts = [
+    return [
         "#",
         labels["device"],
         labels["mac"],
@@ -338,10 +381,9 @@ def _device_header(report: ConsumptionReport) -> list[Paragraph]:
         labels["share"],
         previous or labels["previous"],
         labels["change"],
-        labels["hours"],
-        labels["completeness"],
+        labels["hours_of_period"],
+        labels["completeness_of_hours"],
     ]
-    return _header_cells(texts, numeric_from=4)
 
 
 DEVICE_WIDTHS = [7, 32, 23, 13, 24, 14, 18, 13, 15, 19]
@@ -354,9 +396,10 @@ def _top_consumers(report: ConsumptionReport, styles: dict[str, ParagraphStyle])
         lines = [d for d in report.devices if (d.meter_kind, d.unit) == (kind, unit)]
         if not any(d.consumption > 0 for d in lines):
             continue
-        rows: list[list[Any]] = [_device_header(report)]
-        rows += [_device_row(d, labels) for d in lines[:TOP_TABLE_DEVICES]]
-        table = Table(rows, colWidths=[w * mm for w in DEVICE_WIDTHS], hAlign="LEFT")
+        header = _device_header(report)
+        rows = [_device_row(d, labels) for d in lines[:TOP_TABLE_DEVICES]]
+        cells: list[list[Any]] = [_header_cells(header, numeric_from=4), *rows]
+        table = Table(cells, colWidths=_fitted_widths(header, rows, DEVICE_WIDTHS), hAlign="LEFT")
         table.setStyle(_table_style(numeric_from=4))
         parts: list[Flowable] = [_device_chart(report, kind, unit), Spacer(1, 2 * mm), table]
         if len(lines) > TOP_TABLE_DEVICES:
@@ -368,9 +411,11 @@ def _top_consumers(report: ConsumptionReport, styles: dict[str, ParagraphStyle])
 
 def _device_table(report: ConsumptionReport) -> LongTable:
     labels = report.labels
-    rows: list[list[Any]] = [_device_header(report)]
-    rows += [_device_row(d, labels) for d in report.devices]
-    table = LongTable(rows, colWidths=[w * mm for w in DEVICE_WIDTHS], repeatRows=1, hAlign="LEFT")
+    header = _device_header(report)
+    rows = [_device_row(d, labels) for d in report.devices]
+    widths = _fitted_widths(header, rows, DEVICE_WIDTHS)
+    cells: list[list[Any]] = [_header_cells(header, numeric_from=4), *rows]
+    table = LongTable(cells, colWidths=widths, repeatRows=1, hAlign="LEFT")
     style = _table_style(numeric_from=4)
     for n, line in enumerate(report.devices, start=1):
         if line.completeness is not None and line.completeness < 0.9:

@@ -1,10 +1,10 @@
 """Reading written reports back and reconciling their totals with the marts.
 
-The XLSX is read with openpyxl (typed cells: exact totals per meter kind and per device); the
-PDF's text is extracted with pypdf and the summary table's printed totals (three decimals, in
-the tenant's number format) are parsed. The marts are read by their own queries here, not by
-the report's: a month from ``consumption_monthly``, a week or range of days from
-``consumption_daily``.
+The XLSX is read with openpyxl (typed cells: exact totals per meter kind and per device, to the
+meters' resolution, as the report rounds them); the PDF's text is extracted with pypdf and the
+summary table's printed totals (three decimals, in the tenant's number format) are parsed. The
+marts are read by their own queries here, not by the report's: a month from
+``consumption_monthly``, a week or range of days from ``consumption_daily``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from openpyxl import load_workbook
 
 from iiot_orchestration.reports.data import METER_KINDS, ConsumptionReport, queries
 from iiot_orchestration.reports.labels import Labels, parse_number
+from iiot_orchestration.reports.units import to_resolution
 
 XLSX_TOLERANCE = 1e-6
 PDF_TOLERANCE = 0.0005 + 1e-9  # printed with three decimals
@@ -50,9 +51,10 @@ def mart_totals(conn: psycopg.Connection, report: ConsumptionReport) -> Totals:
     }
     totals = Totals(by_kind=defaultdict(float), by_device={})
     for _, mac, kind, unit, consumption in conn.execute(queries()[name], params):
-        totals.by_kind[(kind, unit)] += consumption
-        totals.by_device[(mac, unit)] = consumption
-    totals.by_kind = dict(totals.by_kind)
+        # the files show each device to its meter's resolution, and totals as the sum of those
+        totals.by_kind[(kind, unit)] += to_resolution(consumption, unit)
+        totals.by_device[(mac, unit)] = to_resolution(consumption, unit)
+    totals.by_kind = {key: to_resolution(value, key[1]) for key, value in totals.by_kind.items()}
     return totals
 
 

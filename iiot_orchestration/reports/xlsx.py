@@ -26,6 +26,7 @@ from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 from iiot_orchestration.reports.data import ConsumptionReport
 from iiot_orchestration.reports.labels import Labels
+from iiot_orchestration.reports.units import axis_scale, decimals
 
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 2_000
@@ -47,6 +48,12 @@ class Column:
     width: float
     unit: str | None = None  # a fixed unit of a number column
     unit_column: int | None = None  # or the column holding each row's unit
+
+    @property
+    def fitted_width(self) -> float:
+        """The width, widened so that the header wraps between words, never inside one."""
+        longest = max((len(word) for word in self.header.split()), default=0)
+        return max(self.width, longest + 2)
 
 
 @dataclass
@@ -83,7 +90,10 @@ def safe_text(value: str) -> str:
     return ILLEGAL_CHARACTERS_RE.sub("", value)
 
 
-def _unit_format(base: str, unit: str | None) -> str:
+def _unit_format(unit: str | None) -> str:
+    """``#,##0.000 "kWh"``: the unit's resolution, and the unit."""
+    places = decimals(unit or "")
+    base = "#,##0" + ("." + "0" * places if places else "")
     cleaned = re.sub(r"[^A-Za-z0-9/%. ]", "", unit or "")
     return f'{base} "{cleaned}"' if cleaned else base
 
@@ -216,7 +226,7 @@ def build_sheets(report: ConsumptionReport) -> list[Sheet]:
             Block(
                 [Column(labels["day"], "date", 13)]
                 + [Column(f"{kind(k)} ({unit})", "number", 18, unit=unit) for k, unit in keys],
-                [[day, *(totals[day][key] for key in keys)] for day in period.days],
+                [[day, *(values[key] for key in keys)] for day, values in totals.items()],
             )
         ],
         chart_units=list(dict.fromkeys(unit for _, unit in keys)) if report.has_data else [],
@@ -349,9 +359,7 @@ class _CellCache:
             elif column.kind == "number" and column.unit_column is not None:
                 plan.append((index, "unit", column.unit_column))
             elif column.kind == "number":
-                plan.append(
-                    (index, "cell", self.get(index, _unit_format("#,##0.000", column.unit)))
-                )
+                plan.append((index, "cell", self.get(index, _unit_format(column.unit))))
             elif column.kind == "date":
                 plan.append((index, "cell", self.get(index, self.labels.excel_date_format)))
             else:
@@ -371,7 +379,7 @@ class _CellCache:
                     out.append(target)
                     continue
                 if how == "unit":
-                    target = self.get(index, _unit_format("#,##0.000", values[target]))
+                    target = self.get(index, _unit_format(values[target]))
                 target.value = value
                 out.append(target)
             return out
@@ -411,10 +419,15 @@ def _add_charts(ws: WriteOnlyWorksheet, sheet: Sheet, labels: Labels) -> None:
     last = header + len(block.rows)
     anchor_column = get_column_letter(len(block.columns) + 2)
     for n, unit in enumerate(sheet.chart_units):
+        columns = [i for i, column in enumerate(block.columns) if column.unit == unit]
+        scale = axis_scale(max((row[i] for row in block.rows for i in columns), default=0), unit)
         chart = LineChart()
         chart.title = labels["daily_chart"].format(unit=unit)
         chart.y_axis.title = unit
-        chart.y_axis.number_format = "#,##0"
+        chart.y_axis.number_format = scale.excel_format
+        chart.y_axis.scaling.min = 0
+        chart.y_axis.scaling.max = scale.top
+        chart.y_axis.majorUnit = scale.step
         chart.x_axis.number_format = labels.excel_date_format
         chart.x_axis.delete = False  # openpyxl 3.1 hides both axes unless told otherwise
         chart.y_axis.delete = False
@@ -440,7 +453,7 @@ def render_xlsx(
         ws = wb.create_sheet(sheet.title[:31])
         first = sheet.blocks[0]
         widths = [
-            max(b.columns[i].width for b in sheet.blocks if i < len(b.columns))
+            max(b.columns[i].fitted_width for b in sheet.blocks if i < len(b.columns))
             for i in range(max(len(b.columns) for b in sheet.blocks))
         ]
         for index, width in enumerate(widths, start=1):
