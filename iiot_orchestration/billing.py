@@ -19,10 +19,11 @@ Rules (docs/billing.md):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -133,6 +134,49 @@ def plans(conn: psycopg.Connection) -> dict[str, Plan]:
         " hard_block, currency FROM plans"
     ).fetchall()
     return {row[0]: Plan(*row) for row in rows}
+
+
+PRICE_FIELDS = (
+    "monthly_price",
+    "overage_device_price",
+    "overage_price_per_1k_messages",
+    "overage_storage_price_per_gib",
+)
+
+# plan_id -> (the first local days of its price versions, ascending; the versions' prices)
+PriceHistory = dict[str, tuple[list[date], list[tuple[Decimal | None, ...]]]]
+
+
+def price_history(conn: psycopg.Connection) -> PriceHistory:
+    """Every plan's price versions (migration 0026), oldest first."""
+    history: PriceHistory = {}
+    for plan_id, valid_from, *prices in conn.execute(
+        f"SELECT plan_id, valid_from, {', '.join(PRICE_FIELDS)} FROM plan_prices"
+        " ORDER BY plan_id, valid_from"
+    ):
+        days, versions = history.setdefault(plan_id, ([], []))
+        days.append(valid_from)
+        versions.append(tuple(prices))
+    return history
+
+
+def pricing(
+    conn: psycopg.Connection,
+) -> tuple[dict[str, Plan], Callable[[str, date], Plan]]:
+    """The plans and ``price_of(plan_id, day)``: the plan with the prices valid on that local
+    day (each priced plan built once: a bulk night asks for every tenant-day)."""
+    catalog, history = plans(conn), price_history(conn)
+    priced: dict[tuple[str, int], Plan] = {}
+
+    def price_of(plan_id: str, day: date) -> Plan:
+        days, versions = history[plan_id]
+        key = (plan_id, bisect.bisect_right(days, day) - 1)
+        if key not in priced:
+            prices = dict(zip(PRICE_FIELDS, versions[key[1]], strict=True))
+            priced[key] = replace(catalog[plan_id], **prices)
+        return priced[key]
+
+    return catalog, price_of
 
 
 @dataclass(frozen=True)
@@ -249,6 +293,82 @@ def billable_days(who: Tenant, period: Period, today: date) -> list[date]:
     """The period's days billed by ``today``: from the tenant's creation day (or the period's
     start) to yesterday (or the period's end)."""
     return [day for day in period.dates(until=today) if day >= who.created]
+
+
+def latest_local_date(conn: psycopg.Connection) -> date:
+    """The date where it is latest now (UTC+14): a day after it has begun nowhere."""
+    return conn.execute("SELECT (now() AT TIME ZONE 'Etc/GMT-14')::date").fetchone()[0]
+
+
+def schedule_price(
+    conn: psycopg.Connection,
+    plan_id: str,
+    valid_from: date,
+    prices: dict[str, Decimal],
+    *,
+    actor: str,
+    today: date | None = None,
+) -> dict[str, Decimal | None]:
+    """Schedule new prices of a plan from the local day ``valid_from`` on, which must not have
+    begun anywhere (``today``: the latest local date now); the prices not given stay as they
+    are on that day. Audited (``plan.price_scheduled``). Returns the prices from that day."""
+    catalog, price_of = pricing(conn)
+    if plan_id not in catalog:
+        raise BillingError(
+            f"unknown plan {plan_id[:40]!r}: expected one of {', '.join(sorted(catalog))}"
+        )
+    today = today or latest_local_date(conn)
+    if valid_from <= today:
+        raise BillingError(
+            f"a price change must start on a day that has not begun anywhere: after {today} "
+            f"(not {valid_from}), so no billed day changes its price"
+        )
+    unknown = sorted(set(prices) - set(PRICE_FIELDS))
+    if unknown or not prices:
+        raise BillingError(f"give one or more prices of {', '.join(PRICE_FIELDS)}")
+    before = price_of(plan_id, valid_from)
+    if before.hard_block and set(prices) != {"monthly_price"}:
+        raise BillingError(f"plan {plan_id} bills no overage: only its monthly price can change")
+    for name, value in prices.items():
+        places = CENT if name == "monthly_price" else Decimal("0.0001")
+        if not value.is_finite() or not 0 <= value < MAX_AMOUNT or value != value.quantize(places):
+            raise BillingError(
+                f"bad {name.replace('_', ' ')} {str(value)[:30]}: a price of 0 or more with at "
+                f"most {-places.as_tuple().exponent} decimals"
+            )
+    after = {name: prices.get(name, getattr(before, name)) for name in PRICE_FIELDS}
+    if all(after[name] == getattr(before, name) for name in PRICE_FIELDS):
+        raise BillingError(f"plan {plan_id} already has these prices on {valid_from}")
+    with conn.transaction():
+        try:
+            with conn.transaction():
+                conn.execute(
+                    f"INSERT INTO plan_prices (plan_id, valid_from, {', '.join(PRICE_FIELDS)},"
+                    " scheduled_by) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (plan_id, valid_from, *after.values(), actor),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise BillingError(
+                f"plan {plan_id} already has a price change on {valid_from}"
+            ) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise BillingError(str(exc.diag.message_primary)) from None
+        conn.execute(
+            "INSERT INTO audit_log (actor, action, entity, entity_id, detail)"
+            " VALUES (%s, 'plan.price_scheduled', 'plan', %s, %s)",
+            (
+                actor,
+                plan_id,
+                Jsonb(
+                    {
+                        "valid_from": valid_from.isoformat(),
+                        "before": {n: str(getattr(before, n)) for n in PRICE_FIELDS},
+                        "after": {n: str(v) for n, v in after.items()},
+                    }
+                ),
+            ),
+        )
+    return after
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,14 +920,17 @@ class Invoice:
         return sum((line.amount for line in self.lines), Decimal("0.00"))
 
 
-def _segments(usage: list[DailyUsage]) -> list[tuple[str, list[DailyUsage]]]:
-    """Consecutive days on the same plan."""
-    segments: list[tuple[str, list[DailyUsage]]] = []
+def _segments(
+    usage: list[DailyUsage], price_of: Callable[[str, date], Plan]
+) -> list[tuple[Plan, list[DailyUsage]]]:
+    """Consecutive days on the same plan at the same prices."""
+    segments: list[tuple[Plan, list[DailyUsage]]] = []
     for day in usage:
-        if segments and segments[-1][0] == day.plan_id:
+        plan = price_of(day.plan_id, day.day)
+        if segments and segments[-1][0] == plan:
             segments[-1][1].append(day)
         else:
-            segments.append((day.plan_id, [day]))
+            segments.append((plan, [day]))
     return segments
 
 
@@ -821,13 +944,15 @@ def invoice_lines(
     catalog: dict[str, Plan],
     adjustments: list[tuple[Decimal, str]] = (),  # type: ignore[assignment]
     late: list[LateUsage] = (),  # type: ignore[assignment]
+    price_of: Callable[[str, date], Plan] | None = None,
 ) -> list[Line]:
     """The lines of a period from its days' usage, its adjustments and the late usage of final
-    periods billed on it: pure arithmetic, no database."""
+    periods billed on it: pure arithmetic, no database. ``price_of(plan_id, day)`` gives a
+    plan at the prices of a day (default: the catalog's prices for every day)."""
     days_in_period = Decimal(period.days)
     lines: list[Line] = []
-    for plan_id, days in _segments(usage):
-        plan = catalog[plan_id]
+    segments = _segments(usage, price_of or (lambda plan_id, _: catalog[plan_id]))
+    for plan, days in segments:
         span = f"{days[0].day:%Y-%m-%d} to {days[-1].day:%Y-%m-%d}"
         lines.append(
             Line(
@@ -839,8 +964,7 @@ def invoice_lines(
                 money(plan.monthly_price * len(days) / days_in_period),
             )
         )
-    for plan_id, days in _segments(usage):
-        plan = catalog[plan_id]
+    for plan, days in segments:
         if plan.hard_block:
             continue
         span = f"{days[0].day:%Y-%m-%d} to {days[-1].day:%Y-%m-%d}"
@@ -997,7 +1121,7 @@ def _settle_late_usage(
     billed = {
         (t, day): rest for t, day, *rest in conn.execute(_BILLED_DAYS, _columns(list(final), 2))
     }
-    catalog = plans(conn)
+    _, price_of = pricing(conn)
     rows, events = [], []
     for (t, day), source in sorted(final.items()):
         plan_id, messages, readings, overage = billed[(t, day)]
@@ -1005,7 +1129,7 @@ def _settle_late_usage(
         more = (now.messages - messages, now.readings - readings, now.overage_messages - overage)
         if not any(more):
             continue
-        plan = catalog[plan_id]
+        plan = price_of(plan_id, day)
         price = Decimal(0) if plan.hard_block else plan.overage_price_per_1k_messages
         amount = money(price * more[2] / THOUSAND)
         label = period_containing(todays[t], by_id[t].cycle_day).label
@@ -1024,8 +1148,10 @@ def _settle_late_usage(
         conn.execute(_SAVE_EVENTS, [actor, *_columns(events, 6)])
 
 
-def _fingerprint(usage: list[DailyUsage], catalog: dict[str, Plan], lines: list[Line]) -> str:
-    used = {d.plan_id for d in usage}
+def _fingerprint(
+    usage: list[DailyUsage], price_of: Callable[[str, date], Plan], lines: list[Line]
+) -> str:
+    used = {price_of(d.plan_id, d.day) for d in usage}
     payload = {
         "usage": [
             [
@@ -1037,7 +1163,7 @@ def _fingerprint(usage: list[DailyUsage], catalog: dict[str, Plan], lines: list[
             ]
             for d in usage
         ],
-        "plans": {p: [str(v) for v in vars(catalog[p]).values()] for p in sorted(used)},
+        "plans": sorted([str(v) for v in vars(plan).values()] for plan in used),
         "lines": [[str(v) for v in vars(line).values()] for line in lines],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -1126,14 +1252,16 @@ def _compute_invoices(
     if missing:
         record_usage_many(conn, missing, today=today)
         loaded.update(usage_of(again))
-    catalog = plans(conn)
+    catalog, price_of = pricing(conn)
     keys = [(who.tenant_id, period.label) for _, who, period, _, _ in work]
     adjustments = _adjustments(conn, keys)
     late = _late_usage(conn, keys)
     for n, who, period, today_, _ in work:
         usage = loaded[n]
         key = (who.tenant_id, period.label)
-        lines = invoice_lines(usage, period, catalog, adjustments.get(key, []), late.get(key, []))
+        lines = invoice_lines(
+            usage, period, catalog, adjustments.get(key, []), late.get(key, []), price_of
+        )
         currency = catalog[usage[0].plan_id].currency if usage else catalog[who.plan_id].currency
         result[n] = Invoice(
             tenant_id=who.tenant_id,
@@ -1142,7 +1270,7 @@ def _compute_invoices(
             currency=currency,
             lines=tuple(lines),
             days_billed=len(usage),
-            inputs_sha256=_fingerprint(usage, catalog, lines),
+            inputs_sha256=_fingerprint(usage, price_of, lines),
         )
     return result  # type: ignore[return-value]
 

@@ -3,6 +3,7 @@ event trail from the command line (docs/billing.md)."""
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal, InvalidOperation
 
 import click
@@ -115,6 +116,58 @@ def adjust_command(tenant: str, period: str, amount: str, reason: str, actor: st
         f"adjustment {adjustment_id}: {value} for {who.slug} {label:%Y-%m}; the period's next "
         "invoice run includes it"
     )
+
+
+def _price(text: str | None, option: str) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        return Decimal(text.strip())
+    except InvalidOperation:
+        raise IiotError(f"bad {option} {text[:30]!r}: a price, e.g. 890.00") from None
+
+
+@billing_group.command("schedule-price")
+@click.option("--plan", required=True, help="Plan id, e.g. pro.")
+@click.option("--from", "valid_from", required=True, help="First local day billed, YYYY-MM-DD.")
+@click.option("--monthly-price", help="New monthly price.")
+@click.option("--overage-device-price", help="New monthly price of a device over the included.")
+@click.option("--overage-per-1k-messages", help="New price of 1,000 messages over the rate.")
+@click.option("--overage-storage-per-gib", help="New monthly price of a GiB over the quota.")
+@click.option("--actor", default="cli", show_default=True, help="Who schedules the change.")
+@friendly_errors
+def schedule_price_command(
+    plan: str,
+    valid_from: str,
+    monthly_price: str | None,
+    overage_device_price: str | None,
+    overage_per_1k_messages: str | None,
+    overage_storage_per_gib: str | None,
+    actor: str,
+) -> None:
+    """Schedule new prices of a plan from a day that has not begun anywhere; each tenant's
+    days from then are billed at them (its period prorated by day), closed invoices never
+    change. Audited as plan.price_scheduled."""
+    try:
+        day = date.fromisoformat(valid_from.strip())
+    except ValueError:
+        raise IiotError(f"bad --from {valid_from[:30]!r}: a date, e.g. 2027-01-01") from None
+    given = {
+        "monthly_price": _price(monthly_price, "--monthly-price"),
+        "overage_device_price": _price(overage_device_price, "--overage-device-price"),
+        "overage_price_per_1k_messages": _price(
+            overage_per_1k_messages, "--overage-per-1k-messages"
+        ),
+        "overage_storage_price_per_gib": _price(
+            overage_storage_per_gib, "--overage-storage-per-gib"
+        ),
+    }
+    with connect(_settings().require_database_url(), role="platform_rw") as conn:
+        after = billing.schedule_price(
+            conn, plan, day, {k: v for k, v in given.items() if v is not None}, actor=actor
+        )
+    prices = ", ".join(f"{k} {v}" for k, v in after.items() if v is not None)
+    click.echo(f"{plan} from {day}: {prices}")
 
 
 @billing_group.command("events")

@@ -359,3 +359,102 @@ def test_late_usage_of_an_open_period_is_picked_up_by_the_draft(conn):
     [oct5] = billing.load_daily_usage(conn, who, [date(2026, 10, 5)])
     assert (oct5.messages, oct5.readings) == (400, 1200)
     assert [e for e in billing.events(conn, who) if e["kind"] == "late_usage"] == []
+
+
+# Pro goes from 790.00 to 890.00 on Oct 20 (scheduled on Oct 10).
+# - Sao Paulo, cycle day 1 (Oct 1 to 31): Oct 1 to 19, 790 x 19 / 31 = 484.1935 -> 484.19;
+#   Oct 20 to 31, 890 x 12 / 31 = 344.5161 -> 344.52; total 828.71.
+# - Tokyo, cycle day 15 (Oct 15 to Nov 14): Oct 15 to 19, 790 x 5 / 31 = 127.4194 -> 127.42;
+#   Oct 20 to Nov 14, 890 x 26 / 31 = 746.4516 -> 746.45; total 873.87.
+@pytest.mark.parametrize(
+    ("timezone", "cycle_day", "expected", "total"),
+    [
+        (
+            "America/Sao_Paulo",
+            1,
+            [("base", 19, Decimal("484.19")), ("base", 12, Decimal("344.52"))],
+            Decimal("828.71"),
+        ),
+        (
+            "Asia/Tokyo",
+            15,
+            [("base", 5, Decimal("127.42")), ("base", 26, Decimal("746.45"))],
+            Decimal("873.87"),
+        ),
+    ],
+)
+def test_a_price_change_scheduled_mid_period(conn, timezone, cycle_day, expected, total):
+    who = make_tenant(conn, "acme", [("pro", START)], timezone=timezone, cycle_day=cycle_day)
+    oct20 = date(2026, 10, 20)
+    prices = billing.schedule_price(
+        conn, "pro", oct20, {"monthly_price": Decimal("890.00")}, actor="finance", today=OCT
+    )
+    assert prices["monthly_price"] == Decimal("890.00")
+    final = billing.bill(conn, who, OCT, today=date(2026, 11, 20))
+    assert lines(final.invoice) == expected
+    assert final.invoice.total == total
+    audit = conn.execute(
+        "SELECT actor, entity_id, detail FROM audit_log WHERE action = 'plan.price_scheduled'"
+    ).fetchall()
+    assert audit == [
+        (
+            "finance",
+            "pro",
+            {
+                "valid_from": "2026-10-20",
+                "before": {
+                    "monthly_price": "790.00",
+                    "overage_device_price": "None",
+                    "overage_price_per_1k_messages": "None",
+                    "overage_storage_price_per_gib": "None",
+                },
+                "after": {
+                    "monthly_price": "890.00",
+                    "overage_device_price": "None",
+                    "overage_price_per_1k_messages": "None",
+                    "overage_storage_price_per_gib": "None",
+                },
+            },
+        )
+    ]
+    # October is final: a change inside it is refused and writes nothing; a later one leaves
+    # October recomputing to its stored total
+    with pytest.raises(BillingError, match="would change the final invoice 2026-10 of acme"):
+        billing.schedule_price(
+            conn, "pro", date(2026, 10, 25), {"monthly_price": Decimal(1)}, actor="x", today=OCT
+        )
+    billing.schedule_price(
+        conn, "pro", date(2027, 1, 1), {"monthly_price": Decimal("990.00")}, actor="x", today=OCT
+    )
+    assert conn.execute("SELECT count(*) FROM plan_prices WHERE plan_id = 'pro'").fetchone() == (3,)
+    again = billing.bill(conn, who, OCT, today=date(2026, 11, 20))
+    assert (again.action, again.invoice.total) == ("unchanged", total)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="are versioned"):
+        conn.execute("UPDATE plans SET monthly_price = 1 WHERE plan_id = 'pro'")
+
+
+def test_the_cli_schedules_a_price_change_only_for_days_to_come(conn, cli_env, monkeypatch):
+    for key in [k for k in cli_env if k.startswith("IIOT_")]:
+        monkeypatch.setenv(key, cli_env[key])
+    latest = billing.latest_local_date(conn)
+    command = ["billing", "schedule-price", "--plan", "enterprise", "--actor", "finance"]
+    result = CliRunner().invoke(main, [*command, "--from", f"{latest}", "--monthly-price", "1"])
+    assert result.exit_code == 1
+    assert f"must start on a day that has not begun anywhere: after {latest}" in result.output
+    for args, message in (
+        (["--monthly-price", "ten"], "bad --monthly-price 'ten'"),
+        (["--monthly-price", "1.001"], "bad monthly price 1.001"),
+        ([], "give one or more prices"),
+    ):
+        later = f"{latest + timedelta(days=30)}"
+        result = CliRunner().invoke(main, [*command, "--from", later, *args])
+        assert result.exit_code == 1
+        assert message in result.output
+    later = latest + timedelta(days=30)
+    result = CliRunner().invoke(
+        main, [*command, "--from", f"{later}", "--overage-per-1k-messages", "0.0600"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"enterprise from {later}: monthly_price 4900.00" in result.output
+    assert "overage_price_per_1k_messages 0.0600" in result.output
+    assert conn.execute("SELECT count(*) FROM plan_prices").fetchone() == (4,)
