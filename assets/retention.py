@@ -10,10 +10,11 @@ import dagster as dg
 from assets.raw_telemetry import raw_telemetry
 from iiot_orchestration import retention
 from iiot_orchestration.archive import Store, open_store
+from iiot_orchestration.partitions import PARTITIONS_START
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
 
-RETENTION_PARTITIONS = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
+RETENTION_PARTITIONS = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
 ARCHIVES_VERIFIED = "archives_verified"
 ARCHIVED_EQUALS_REMOVED = "archived_equals_removed"
 EXPIRED_READINGS_REMOVED = "expired_readings_removed"

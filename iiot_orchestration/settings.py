@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -175,6 +176,15 @@ def _per_plan(low: int, high: int) -> Callable[[str], tuple[tuple[str, int], ...
 
 def per_plan_text(pairs: tuple[tuple[str, int], ...]) -> str:
     return ",".join(f"{plan}={value}" for plan, value in pairs)
+
+
+def _date(raw: str) -> date:
+    try:
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", raw.strip()):
+            raise ValueError
+        return date.fromisoformat(raw.strip())
+    except ValueError:
+        raise ValueError("must be a date written YYYY-MM-DD") from None
 
 
 def _host(raw: str) -> str:
@@ -393,6 +403,15 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 366),
     ),
     Variable(
+        "IIOT_PARTITIONS_START",
+        None,
+        "a date such as 2026-01-01",
+        "First day of the Dagster daily and monthly partitions (rollups, retention, billing, "
+        "reports). Unset: the day the database was first migrated, or the day of its oldest "
+        "reading if older; today when the database cannot be read as the code location loads.",
+        _date,
+    ),
+    Variable(
         "IIOT_ROLLUP_LAG_MINUTES",
         "5",
         "a whole number from 0 to 59",
@@ -536,6 +555,7 @@ class Settings:
     backup_root: Path
     reports_root: Path
     partitions_ahead_days: int
+    partitions_start: date | None
     rollup_lag_minutes: int
     rollup_work_mem: str
     freshness_minutes: int
@@ -652,6 +672,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backup_root=values["IIOT_BACKUP_ROOT"] or data_dir / "backups",
         reports_root=values["IIOT_REPORTS_ROOT"] or data_dir / "reports",
         partitions_ahead_days=values["IIOT_PARTITIONS_AHEAD_DAYS"],
+        partitions_start=values["IIOT_PARTITIONS_START"],
         rollup_lag_minutes=values["IIOT_ROLLUP_LAG_MINUTES"],
         rollup_work_mem=values["IIOT_ROLLUP_WORK_MEM"],
         freshness_minutes=values["IIOT_FRESHNESS_MINUTES"],
@@ -719,6 +740,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_CERT_ACK_TIMEOUT_HOURS": settings.cert_ack_timeout_hours,
         "IIOT_CERT_RETRY_BACKOFF_HOURS": settings.cert_retry_backoff_hours,
         "IIOT_PARTITIONS_AHEAD_DAYS": settings.partitions_ahead_days,
+        "IIOT_PARTITIONS_START": settings.partitions_start,
         "IIOT_ROLLUP_LAG_MINUTES": settings.rollup_lag_minutes,
         "IIOT_ROLLUP_WORK_MEM": settings.rollup_work_mem,
         "IIOT_FRESHNESS_MINUTES": settings.freshness_minutes,

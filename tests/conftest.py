@@ -26,6 +26,9 @@ from iiot_orchestration.settings import to_url
 from iiot_orchestration.storage import TIMESCALE_MISSING, timescale_support
 
 LOCAL_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The tests' partition keys are fixed days of 2026; without this the code location would start its
+# partitions on the day the test database was migrated (tests/test_partitions.py tests that).
+os.environ.setdefault("IIOT_PARTITIONS_START", "2026-01-01")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
