@@ -1,6 +1,7 @@
 """The daily database backup and the weekly restore drill, with the checks ops watch: the newest
 backup is younger than the RPO target, the last drill passed within 8 days, its RTO met the
-target (docs/backups.md)."""
+target. Before the first scheduled backup and drill of a new install had time to run, a missing
+one is a warning that says when it is due (docs/backups.md)."""
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,14 @@ ARCHIVE_READABLE = "backup_archive_readable"
 BACKUP_WITHIN_RPO = "backup_within_rpo"
 DRILL_RECENT_AND_PASSED = "drill_recent_and_passed"
 DRILL_RTO_WITHIN_TARGET = "drill_rto_within_target"
+
+# the schedules (sensors/backups.py): a backup every night, a restore drill every Sunday
+BACKUP_HOUR_UTC = 3  # midnight in Sao Paulo; the dump is one snapshot whatever else runs
+DRILL_HOUR_UTC, DRILL_WEEKDAY = 5, 6  # Sundays (Monday is 0), two hours after that night's backup
+BACKUP_CRON = f"0 {BACKUP_HOUR_UTC} * * *"
+DRILL_CRON = f"0 {DRILL_HOUR_UTC} * * {(DRILL_WEEKDAY + 1) % 7}"  # cron counts from Sunday
+# time the first scheduled run has to finish before its absence is a failure, not a warning
+FIRST_RUN_GRACE = timedelta(hours=1)
 
 BACKUP_ASSET: dict[str, Any] = {
     "group_name": "backups",
@@ -145,17 +154,50 @@ def restore_drill(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _status(backup: BackupResource) -> backups.Status:
+def first_backup_due(installed: datetime) -> datetime:
+    """The first scheduled backup after the installation (its first migration)."""
+    due = installed.astimezone(UTC).replace(hour=BACKUP_HOUR_UTC, minute=0, second=0, microsecond=0)
+    return due if due > installed else due + timedelta(days=1)
+
+
+def first_drill_due(installed: datetime) -> datetime:
+    """The first scheduled restore drill after the first backup (before it, nothing to restore)."""
+    backup = first_backup_due(installed)
+    due = backup.replace(hour=DRILL_HOUR_UTC) + timedelta(
+        days=(DRILL_WEEKDAY - backup.weekday()) % 7
+    )
+    return due if due > backup else due + timedelta(days=7)
+
+
+def _status(backup: BackupResource) -> tuple[backups.Status, datetime | None]:
+    """What is on disk and in backup_drills, and when the database was first migrated."""
     settings = backup.settings()
     url, root = backup.target(settings)
     with connect(url, autocommit=True, application_name="iiot-backup") as conn:
-        return backups.status(
+        found = backups.status(
             conn,
             root,
             backups.database_of(url),
             rpo_hours=settings.backup_rpo_hours,
             rto_minutes=settings.backup_rto_minutes,
         )
+        installed = conn.execute("SELECT min(applied_at) FROM iiot_schema_migrations").fetchone()
+    return found, installed[0]
+
+
+def _none_yet(what: str, due: datetime | None, metadata: dict[str, Any]) -> dg.AssetCheckResult:
+    """No backup or drill at all: a warning naming when the first is due until it had time to
+    run (a new install is not broken), a failure after."""
+    waiting = due is not None and datetime.now(UTC) < due + FIRST_RUN_GRACE
+    when = f"{due:%Y-%m-%d %H:%M} UTC" if due else "unknown"
+    return dg.AssetCheckResult(
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN if waiting else dg.AssetCheckSeverity.ERROR,
+        description=f"no {what} yet, the first is due at {when}"
+        if waiting
+        else f"no {what}: the first was due at {when}",
+        metadata={**metadata, "first_due": when},
+    )
 
 
 @dg.asset_check(
@@ -165,19 +207,19 @@ def _status(backup: BackupResource) -> backups.Status:
     "IIOT_BACKUP_RPO_HOURS among the plans of active tenants).",
 )
 def backup_within_rpo(backup: BackupResource) -> dg.AssetCheckResult:
-    found = _status(backup)
-    return dg.AssetCheckResult(
-        passed=found.backup_within_rpo,
-        metadata={
-            "newest_backup": found.newest.backup_id if found.newest else "none",
-            "age_hours": _hours(found.newest_age),
-            "rpo_target_hours": _hours(found.targets.rpo),
-            "plans": ",".join(found.targets.plans) or "none",
-            "unreadable_backups": dg.MetadataValue.md(
-                "\n".join(f"- {p}" for p in found.problems) or "none"
-            ),
-        },
-    )
+    found, installed = _status(backup)
+    metadata = {
+        "newest_backup": found.newest.backup_id if found.newest else "none",
+        "age_hours": _hours(found.newest_age),
+        "rpo_target_hours": _hours(found.targets.rpo),
+        "plans": ",".join(found.targets.plans) or "none",
+        "unreadable_backups": dg.MetadataValue.md(
+            "\n".join(f"- {p}" for p in found.problems) or "none"
+        ),
+    }
+    if found.newest is None:
+        return _none_yet("backup", installed and first_backup_due(installed), metadata)
+    return dg.AssetCheckResult(passed=found.backup_within_rpo, metadata=metadata)
 
 
 @dg.asset_check(
@@ -187,16 +229,18 @@ def backup_within_rpo(backup: BackupResource) -> dg.AssetCheckResult:
     f"{backups.DRILL_MAX_AGE.days} days ago.",
 )
 def drill_recent_and_passed(backup: BackupResource) -> dg.AssetCheckResult:
-    found = _status(backup)
+    found, installed = _status(backup)
     last = found.last_drill
+    if last is None:
+        return _none_yet("restore drill", installed and first_drill_due(installed), {})
     now = datetime.now(UTC)
     return dg.AssetCheckResult(
         passed=found.drill_recent_and_passed(now),
         metadata={
-            "last_drill": last.drill_id if last else "none",
-            "status": last.status if last else "none",
-            "age_hours": _hours(now - last.started_at) if last else None,
-            "error": (last.error or "none") if last else "none",
+            "last_drill": last.drill_id,
+            "status": last.status,
+            "age_hours": _hours(now - last.started_at),
+            "error": last.error or "none",
         },
     )
 
@@ -209,13 +253,12 @@ def drill_recent_and_passed(backup: BackupResource) -> dg.AssetCheckResult:
     "tenants).",
 )
 def drill_rto_within_target(backup: BackupResource) -> dg.AssetCheckResult:
-    found = _status(backup)
+    found, installed = _status(backup)
     last = found.last_drill
+    target = {"rto_target_seconds": int(found.targets.rto.total_seconds())}
+    if last is None:
+        return _none_yet("restore drill", installed and first_drill_due(installed), target)
     return dg.AssetCheckResult(
         passed=found.rto_within_target,
-        metadata={
-            "last_drill": last.drill_id if last else "none",
-            "rto_seconds": last.rto_seconds if last else None,
-            "rto_target_seconds": int(found.targets.rto.total_seconds()),
-        },
+        metadata={"last_drill": last.drill_id, "rto_seconds": last.rto_seconds, **target},
     )

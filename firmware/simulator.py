@@ -12,7 +12,9 @@ timestamps, so a run can be reproduced.
 :func:`run_simulation` publishes the readings to ``{prefix}/devices/{mac}/telemetry`` in the
 payload contract the ingest daemon reads (one reading, or a batch with ``batch_size`` readings per
 message), paced by the monotonic clock so the fleet's aggregate rate holds, and waits for the
-broker to acknowledge every QoS 1 message before it disconnects.
+broker to acknowledge every QoS 1 message before it disconnects. With ``history`` it first
+publishes that much of the past (batches of readings ``history_step`` apart, paced under the
+plan's messages per minute) from the same meters, so the live readings continue the registers.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
@@ -52,13 +55,22 @@ _ENERGY_METRICS = frozenset({"energy_kwh", "power_w", "voltage_v", "current_a"})
 _WATER_METRICS = frozenset({"water_m3", "flow_lpm"})
 _MAX_UNACKNOWLEDGED = 10_000
 RESEND_AFTER_S = 0.5  # a message the broker did not deliver is sent again after this
+DEFAULT_HISTORY_STEP_S = 300.0  # five minutes: every hour of a backfilled week has readings
+HISTORY_BATCH = 500  # readings per history message (the ingest takes up to 1,000)
+HISTORY_PACE = 1.1  # history messages at 1/1.1 of the plan's messages per minute, under its limit
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_DURATION = re.compile(r"([+-]?)([0-9]+)([dhm])", re.ASCII)
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 _FLEET_SQL = """
-SELECT d.mac::text, d.meter_kind, array_agg(m.metric ORDER BY m.metric)
+SELECT d.mac::text, d.meter_kind, array_agg(m.metric ORDER BY m.metric), t.slug,
+       coalesce(t.retention_days, p.retention_days), p.messages_per_minute_per_device
 FROM devices d
 JOIN tenants t ON t.tenant_id = d.tenant_id
+JOIN plans p ON p.plan_id = t.plan_id
 JOIN device_metrics m ON m.device_id = d.device_id
 WHERE d.status = 'active' AND (%(tenant)s::text IS NULL OR t.slug = %(tenant)s::text)
-GROUP BY d.device_id, d.mac, d.meter_kind
+GROUP BY d.device_id, d.mac, d.meter_kind, t.slug, t.retention_days, p.retention_days,
+         p.messages_per_minute_per_device
 ORDER BY d.mac
 LIMIT %(limit)s
 """
@@ -73,6 +85,10 @@ class DeviceSpec:
     mac: str
     meter_kind: str
     metrics: tuple[str, ...]
+    # the tenant's, from the registry: how far back history may go, how fast it may be sent
+    tenant: str = field(default="", compare=False)
+    retention_days: int | None = field(default=None, compare=False)
+    messages_per_minute: int | None = field(default=None, compare=False)
 
 
 def load_fleet(
@@ -89,7 +105,68 @@ def load_fleet(
                     f"unknown tenant {tenant[:70]!r}: `iiot tenants list` shows the tenants"
                 )
         rows = conn.execute(_FLEET_SQL, {"tenant": tenant, "limit": limit}).fetchall()
-    return [DeviceSpec(mac, kind, tuple(metrics)) for mac, kind, metrics in rows]
+    return [
+        DeviceSpec(mac, kind, tuple(metrics), slug, retention, per_minute)
+        for mac, kind, metrics, slug, retention, per_minute in rows
+    ]
+
+
+def parse_history(text: str) -> timedelta:
+    """``7d``, ``36h`` or ``90m``: how far back ``--history`` reaches; ValueError saying what
+    is wrong with anything else."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"bad duration {text[:40]!r}: expected a whole number and a unit d, h or m, "
+            "such as 7d, 36h or 90m"
+        )
+    sign, amount, unit = match.groups()
+    if sign == "-":
+        raise ValueError(f"bad duration {text!r}: history reaches back, so it is positive (7d)")
+    if int(amount) == 0:
+        raise ValueError(f"bad duration {text!r}: it must be longer than zero")
+    try:
+        return timedelta(**{_UNITS[unit]: int(amount)})
+    except OverflowError:
+        raise ValueError(f"bad duration {text[:40]!r}: far too long") from None
+
+
+def check_history(fleet: Sequence[DeviceSpec], history: timedelta) -> None:
+    """SimulatorError when ``history`` reaches further back than the retention of a tenant of
+    the fleet: the ingest refuses such readings (bad_timestamp), so none would be stored."""
+    limited = [d for d in fleet if d.retention_days is not None]
+    if not limited:
+        return
+    shortest = min(limited, key=lambda d: d.retention_days or 0)
+    days = shortest.retention_days or 0
+    if history > timedelta(days=days):
+        raise SimulatorError(
+            f"a history of {_shown_duration(history)} reaches further back than the {days}-day "
+            f"retention of tenant {shortest.tenant!r}, whose readings older than that the "
+            f"ingest refuses: at most {days}d"
+        )
+
+
+def _shown_duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def history_times(now: datetime, history: timedelta, step_s: float) -> list[datetime]:
+    """Sample times on multiples of ``step_s`` (from 2000-01-01 UTC), from the first after
+    ``now - history`` (so the oldest is inside a retention of that length) to the last before
+    ``now`` (so the live run continues after it)."""
+    step = timedelta(seconds=step_s)
+    start = now - history
+    at = _EPOCH + ((start - _EPOCH) // step + 1) * step
+    times = []
+    while at < now:
+        times.append(at)
+        at += step
+    return times
 
 
 def _bump(hour: float, centre: float, width: float) -> float:
@@ -262,6 +339,7 @@ class SimulationStats:
     seconds: float
     rejected: int = 0
     resent: int = 0
+    history_messages: int = 0  # of ``published``, how many carry history (all planned)
 
 
 class _Delivery:
@@ -333,10 +411,16 @@ class _Delivery:
     def unsettled(self) -> int:
         return self.published - self.acknowledged - self.rejected
 
-    def stats(self, devices: int, seconds: float) -> SimulationStats:
+    def stats(self, devices: int, seconds: float, history: int = 0) -> SimulationStats:
         with self.changed:
             return SimulationStats(
-                self.published, self.acknowledged, devices, seconds, self.rejected, self.resent
+                self.published,
+                self.acknowledged,
+                devices,
+                seconds,
+                self.rejected,
+                self.resent,
+                history,
             )
 
 
@@ -427,6 +511,68 @@ def _message_times(
     return times
 
 
+def _wait_for_room(
+    client: mqtt.Client, delivery: _Delivery, qos: int, stop: threading.Event
+) -> None:
+    """Block while the broker has _MAX_UNACKNOWLEDGED messages to settle (gone, or slow)."""
+    while delivery.unsettled >= _MAX_UNACKNOWLEDGED and not stop.is_set():
+        _resend(client, delivery, qos)
+        with delivery.changed:
+            delivery.changed.wait_for(lambda: delivery.unsettled < _MAX_UNACKNOWLEDGED, timeout=0.5)
+
+
+def _publish_history(
+    client: mqtt.Client,
+    delivery: _Delivery,
+    fleet: Sequence[DeviceSpec],
+    meters: Sequence[SimulatedMeter],
+    topics: Sequence[str],
+    times: Sequence[datetime],
+    qos: int,
+    stop: threading.Event,
+    report: Callable[[int], None],
+) -> int:
+    """Publish every device's readings at ``times`` in batches of HISTORY_BATCH, the fleet a
+    batch at a time, paced under the slowest plan's messages per minute (the ingest refuses a
+    device's messages over it as rate_limited); ``report(planned)`` about once a second.
+    Messages not written (QoS 0 while disconnected) are returned."""
+    chunks = [times[i : i + HISTORY_BATCH] for i in range(0, len(times), HISTORY_BATCH)]
+    planned = len(chunks) * len(fleet)
+    limits = [d.messages_per_minute for d in fleet if d.messages_per_minute]
+    interval = 60.0 / min(limits) * HISTORY_PACE if limits else 0.0
+    log.info(
+        "publishing history from %s to %s: %d readings a device in %d messages, one every %.1f s",
+        format_ts(times[0]),
+        format_ts(times[-1]),
+        len(times),
+        len(chunks),
+        interval,
+    )
+    begun = time.monotonic()
+    next_report = begun
+    dropped = 0
+    for number, chunk in enumerate(chunks):
+        due = begun + number * interval
+        while (now := time.monotonic()) < due and not stop.is_set():
+            _resend(client, delivery, qos)
+            if now >= next_report:
+                report(planned)
+                next_report = now + 1.0
+            stop.wait(min(due, next_report) - now)
+        for meter, topic in zip(meters, topics, strict=True):
+            if stop.is_set():
+                return dropped
+            _wait_for_room(client, delivery, qos, stop)
+            payload = encode_batch([(at, meter.reading(at)) for at in chunk])
+            if not _publish(client, delivery, topic, payload, qos):
+                dropped += 1
+            if time.monotonic() >= next_report:
+                report(planned)
+                next_report = time.monotonic() + 1.0
+    report(planned)
+    return dropped
+
+
 def run_simulation(
     fleet: Sequence[DeviceSpec],
     broker: MqttOptions | str,
@@ -441,13 +587,16 @@ def run_simulation(
     stop: threading.Event | None = None,
     progress: Callable[[SimulationStats], None] | None = None,
     drain_timeout: float = 30.0,
+    history: timedelta | None = None,
+    history_step: float = DEFAULT_HISTORY_STEP_S,
 ) -> SimulationStats:
     """Publish ``rate`` messages per second per device until ``count`` messages per device,
     ``duration`` seconds or ``stop``, whichever comes first; then wait up to ``drain_timeout``
     seconds for the broker to acknowledge everything published. Each message carries one reading,
     or a batch of ``batch_size`` readings sampled over the interval since the device's previous
     message. ``broker`` is the broker's settings, or just its URL (MQTT 5 or 3.1.1, no TLS
-    files)."""
+    files). With ``history``, readings ``history_step`` seconds apart over that much of the past
+    are published first (see _publish_history), by the meters the live run then continues."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     if batch_size < 1:
@@ -456,6 +605,10 @@ def run_simulation(
         raise ValueError("qos must be 0, 1 or 2")
     if count is not None and count < 0:
         raise ValueError("count must not be negative")
+    if history is not None and history <= timedelta(0):
+        raise ValueError("history must be positive")
+    if history_step <= 0:
+        raise ValueError("history_step must be positive")
     stop = stop or threading.Event()
     delivery = _Delivery()
     devices = len(fleet)
@@ -480,19 +633,34 @@ def run_simulation(
         protocol_name(protocol),
         prefix,
     )
-    started = time.monotonic()
-    deadline = None if duration is None else started + duration
-    next_progress = started + 1.0
-    slot = 0
+    begun = time.monotonic()
+    planned = 0
     dropped = 0
+
+    def report(history_messages: int) -> None:
+        nonlocal planned
+        planned = history_messages
+        if progress is not None:
+            progress(delivery.stats(devices, time.monotonic() - begun, planned))
+
     try:
+        times = [] if history is None else history_times(datetime.now(UTC), history, history_step)
+        if times:
+            dropped += _publish_history(
+                client, delivery, fleet, meters, topics, times, qos, stop, report
+            )
+            last_sample = [times[-1]] * devices
+        started = time.monotonic()
+        deadline = None if duration is None else started + duration
+        next_progress = started + 1.0
+        slot = 0
         while not stop.is_set() and (total is None or slot < total):
             _resend(client, delivery, qos)
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
             if progress is not None and now >= next_progress:
-                progress(delivery.stats(devices, now - started))
+                progress(delivery.stats(devices, now - begun, planned))
                 next_progress = now + 1.0
             due = started + slot * spacing
             if due > now:
@@ -503,10 +671,7 @@ def run_simulation(
                 continue
             if delivery.unsettled >= _MAX_UNACKNOWLEDGED:
                 # the broker is gone or slow; queueing more in paho would only grow memory
-                with delivery.changed:
-                    delivery.changed.wait_for(
-                        lambda: delivery.unsettled < _MAX_UNACKNOWLEDGED, timeout=0.5
-                    )
+                _wait_for_room(client, delivery, qos, stop)
                 continue
             # devices take turns, so the fleet's messages are spread evenly over each period
             index = slot % devices
@@ -524,7 +689,7 @@ def run_simulation(
         while (left := drain_until - time.monotonic()) > 0:
             _resend(client, delivery, qos)
             if progress is not None and time.monotonic() >= next_progress:
-                progress(delivery.stats(devices, generated - started))  # waiting for acks
+                progress(delivery.stats(devices, generated - begun, planned))  # waiting for acks
                 next_progress = time.monotonic() + 1.0
             with delivery.changed:
                 if delivery.changed.wait_for(
@@ -543,7 +708,7 @@ def run_simulation(
         _close(client)
     if dropped:
         log.warning("%d QoS 0 messages were dropped while disconnected", dropped)
-    stats = delivery.stats(devices, generated - started)
+    stats = delivery.stats(devices, generated - begun, planned)
     log.info(
         "published %d messages (%d acknowledged) from %d devices in %.1f s",
         stats.published,

@@ -545,6 +545,19 @@ def ingest_command(
     help="Readings per message (a batch payload when more than 1).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the meter models.")
+@click.option(
+    "--history",
+    "history_text",
+    metavar="DURATION",
+    help="First publish this much of the past (7d, 36h, 90m; at most the tenant's retention), "
+    "then run live.",
+)
+@click.option(
+    "--history-step",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Seconds between history readings [default: 300, or the live cadence if coarser].",
+)
 @friendly_errors
 def simulate_command(
     limit: int | None,
@@ -554,12 +567,42 @@ def simulate_command(
     duration: float | None,
     batch_size: int,
     seed: int,
+    history_text: str | None,
+    history_step: float | None,
 ) -> None:
     """Publish realistic meter readings for provisioned devices until Ctrl-C, --count or
-    --duration. Cumulative registers (kWh, m3) only grow; gauges follow a daily shape."""
-    from firmware.simulator import load_fleet, run_simulation
+    --duration, after --history of the past if asked. Cumulative registers (kWh, m3) only
+    grow; gauges follow a daily shape."""
+    from firmware.simulator import (
+        DEFAULT_HISTORY_STEP_S,
+        SimulationStats,
+        SimulatorError,
+        check_history,
+        load_fleet,
+        parse_history,
+        run_simulation,
+    )
     from iiot_orchestration.mqtt import MqttOptions, check_options
 
+    history = None
+    cadence = 1.0 / (rate * batch_size)  # seconds between a device's live readings
+    step = history_step or max(DEFAULT_HISTORY_STEP_S, cadence)
+    if history_text is not None:
+        try:
+            history = parse_history(history_text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--history'") from None
+        if step < cadence:
+            raise click.BadParameter(
+                f"{step:g} s is finer than the live cadence ({cadence:g} s between a device's "
+                f"readings at --rate {rate:g} --batch {batch_size})",
+                param_hint="'--history-step'",
+            )
+        if step >= history.total_seconds():
+            raise click.BadParameter(
+                f"{step:g} s leaves no reading in a history of {history_text}",
+                param_hint="'--history-step'",
+            )
     settings = _settings()
     if not settings.mqtt_url:
         raise click.UsageError(
@@ -570,10 +613,28 @@ def simulate_command(
     fleet = load_fleet(settings.require_database_url(), tenant=tenant, limit=limit)
     if not fleet:
         raise registry.RegistryError("no active devices to simulate: provision some first")
+    if history is not None:
+        try:
+            check_history(fleet, history)
+        except SimulatorError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--history'") from None
+        click.echo(
+            f"Publishing {history_text.strip()} of history first, a reading every {step:g} s "
+            "per device, paced under the plan's messages per minute."
+        )
     click.echo(
         f"Simulating {len(fleet)} devices at {rate:g} messages/s each to "
         f"{broker.shown_url} under {settings.topic_prefix}/ (Ctrl-C stops)"
     )
+
+    def show(s: SimulationStats) -> None:
+        if s.history_messages and s.published <= s.history_messages:
+            done = s.published * 100 // s.history_messages
+            line = f"history: {s.published:,} of {s.history_messages:,} messages ({done} %)"
+        else:
+            line = f"{s.published:,} published"
+        click.echo(f"\r{line}, {s.acknowledged:,} acknowledged".ljust(72), nl=False)
+
     with stop_on_signals() as stop:
         stats = run_simulation(
             fleet,
@@ -585,9 +646,9 @@ def simulate_command(
             batch_size=batch_size,
             seed=seed,
             stop=stop,
-            progress=lambda s: click.echo(
-                f"\r{s.published:,} published, {s.acknowledged:,} acknowledged", nl=False
-            ),
+            progress=show,
+            history=history,
+            history_step=step,
         )
     click.echo(
         f"\nDone: {stats.published:,} messages published, {stats.acknowledged:,} "

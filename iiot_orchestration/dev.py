@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +47,7 @@ DEMO_DEVICES = (
     registry.DeviceRequest("02:00:00:00:00:05", "gas", "Boiler"),
 )
 STARTUP_TIMEOUT_S = 180
+ENV_FILE_NAME = "dev.env"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 INGEST_READY_TIMEOUT_S = 60
 DEMO_RATE = 0.2  # messages per second per demo device
@@ -141,24 +144,110 @@ def _wait_for_webserver(
     raise ServiceError(f"the Dagster webserver did not load its code within {STARTUP_TIMEOUT_S} s")
 
 
+# set in the environment of the stack's processes when `iiot dev` starts the broker itself:
+# TLS files meant for another broker do not apply to ours (plain MQTT on localhost)
+_BROKER_TLS_VARIABLES = ("IIOT_MQTT_CA_FILE", "IIOT_MQTT_CERT_FILE", "IIOT_MQTT_KEY_FILE")
+
+
 def _dagster_env(settings: Settings, stack: DevStack) -> dict[str, str]:
+    """The environment of every process of the stack: this one's, with the stack's own
+    services, an absolute data directory and Dagster's home."""
     env = dict(os.environ)
     env.update(
         DAGSTER_HOME=str(stack.dagster_home),
+        IIOT_DATA_DIR=str(stack.dagster_home.parent),
         IIOT_DATABASE_URL=stack.database_url,
         IIOT_DAGSTER_DATABASE_URL=stack.dagster_database_url,
         IIOT_MQTT_URL=stack.mqtt_url,
         IIOT_MAX_CONCURRENT_RUNS=str(settings.max_concurrent_runs),
     )
-    if stack.broker_kind is not None:
-        # our broker is plain MQTT on localhost: TLS files meant for another broker do not apply
-        for name in ("IIOT_MQTT_CA_FILE", "IIOT_MQTT_CERT_FILE", "IIOT_MQTT_KEY_FILE"):
-            env.pop(name, None)
+    for name in _unset_variables(stack):
+        env.pop(name, None)
     if stack.broker_kind == "amqtt":
         # it speaks only 3.1.1 (no need to try 5 first), and takes $share/... as a plain
         # filter that matches nothing: one ingest process on the plain filter
         env.update(IIOT_MQTT_PROTOCOL="3.1.1", IIOT_MQTT_SHARED_SUBSCRIPTION="off")
     return env
+
+
+def _unset_variables(stack: DevStack) -> tuple[str, ...]:
+    return _BROKER_TLS_VARIABLES if stack.broker_kind is not None else ()
+
+
+def env_file_path(data_dir: Path) -> Path:
+    return data_dir / ENV_FILE_NAME
+
+
+def _write_env_file(settings: Settings, stack: DevStack, *, dagster: bool) -> Path:
+    """The stack's IIOT_* variables and DAGSTER_HOME as a shell script (mode 0600: it holds the
+    database URLs and whatever secrets this shell had), for another shell and `iiot dagster`."""
+    path = env_file_path(stack.dagster_home.parent)
+    env = _dagster_env(settings, stack)
+    names = sorted(n for n in env if n.startswith("IIOT_"))
+    if dagster:
+        names.insert(0, "DAGSTER_HOME")
+    lines = [
+        f"# iiot dev pid {os.getpid()}: the environment of the running `iiot dev` stack.",
+        f"# In another shell: . {shlex.quote(str(path))}   (or run `iiot dagster ...`)",
+        *(f"export {name}={shlex.quote(env[name])}" for name in names),
+        *(f"unset {name}" for name in _unset_variables(stack)),
+    ]
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file keeps its mode through O_CREAT
+    with os.fdopen(descriptor, "w") as env_file:
+        env_file.write("\n".join(lines) + "\n")
+    return path
+
+
+def _remove_env_file(path: Path) -> None:
+    """Only the file this process wrote: another `iiot dev` may have replaced it."""
+    with contextlib.suppress(OSError):
+        if _env_file_pid(path.read_text()) == os.getpid():
+            path.unlink()
+
+
+def _env_file_pid(text: str) -> int | None:
+    found = re.match(r"# iiot dev pid (\d+):", text)
+    return int(found.group(1)) if found else None
+
+
+def stack_environment(data_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: this process's) with the IIOT_* variables and DAGSTER_HOME replaced
+    by those of the `iiot dev` stack running on ``data_dir``, read from its env file."""
+    path = env_file_path(data_dir.resolve())
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ServiceError(
+            f"no `iiot dev` stack is running on {data_dir} ({path} does not exist): start "
+            "`iiot dev`, or set IIOT_DATA_DIR to the data directory of the one running"
+        ) from None
+    pid = _env_file_pid(text)
+    if pid is None or not _is_dev_process(pid):
+        raise ServiceError(
+            f"the `iiot dev` that wrote {path} (pid {pid}) is no longer running: start `iiot dev`"
+        )
+    stack_env: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"] and len(words) == 2 and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            stack_env[name] = value
+    if "DAGSTER_HOME" not in stack_env:
+        raise ServiceError(
+            f"the `iiot dev` running as pid {pid} runs without Dagster (--no-dagster)"
+        )
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if not k.startswith("IIOT_") and k != "DAGSTER_HOME"}
+    return env | stack_env
+
+
+def _is_dev_process(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return _alive(pid) and b"dev" in command
 
 
 def _spawn(
@@ -217,6 +306,12 @@ def run_dev_stack(
             if dagster:
                 _start_dagster(settings, stack, cleanup, echo, stop)
             if not stop.is_set():
+                env_file = _write_env_file(settings, stack, dagster=dagster)
+                cleanup.callback(_remove_env_file, env_file)
+                echo(f"The stack's environment is in {env_file}: in another shell")
+                echo(f"  . {shlex.quote(str(env_file))}")
+                if dagster:
+                    echo("or run the Dagster CLI with it: iiot dagster <command> [options]")
                 echo("Ready. Press Ctrl-C to stop.")
             while not stop.is_set():
                 failed = [n for n, p in stack.processes.items() if p.poll() is not None]
@@ -415,7 +510,3 @@ def _start_dagster(
         echo(f"Code location {location['name']}: {location['loadStatus'].lower()}")
     if locations:
         echo(f"Dagster UI: {base_url}  (logs in {log_dir})")
-        echo(
-            f"In another shell: export IIOT_DATABASE_URL='{stack.database_url}' "
-            f"IIOT_MQTT_URL='{stack.mqtt_url}'"
-        )

@@ -4,6 +4,8 @@ checks every hour, so a missed backup shows long before the next drill."""
 import dagster as dg
 
 from assets.backups import (
+    BACKUP_CRON,
+    DRILL_CRON,
     backup_within_rpo,
     database_backup,
     drill_recent_and_passed,
@@ -11,8 +13,6 @@ from assets.backups import (
     restore_drill,
 )
 
-BACKUP_CRON = "0 3 * * *"  # midnight in Sao Paulo; the dump is one snapshot whatever else runs
-DRILL_CRON = "0 5 * * 0"  # Sundays, two hours after that night's backup
 CHECKS_CRON = "40 * * * *"
 
 database_backup_job = dg.define_asset_job(

@@ -19,7 +19,8 @@ import pytest
 
 from iiot_orchestration.dev import DEMO_DEVICES, DEMO_TENANT, code_locations
 from iiot_orchestration.services import ServiceError, free_port, port_open, start_mosquitto
-from tests.conftest import REPO_ROOT
+from iiot_orchestration.settings import dagster_url_for
+from tests.conftest import REPO_ROOT, drop_database
 
 START_TIMEOUT_S = 300
 
@@ -265,6 +266,124 @@ def test_iiot_dev_stops_the_broker_a_killed_run_left(tmp_path, database_url):
         assert not leftover.running
     finally:
         leftover.stop()
+
+
+def iiot(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`iiot ...` from another shell: not in the checkout, without the stack's variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "iiot_orchestration.cli", *args],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def runs_by_status(base: str) -> dict[str, list[str]]:
+    runs = graphql(base, "{ runsOrError { ... on Runs { results { jobName status } } } }")
+    found: dict[str, list[str]] = {}
+    for run in runs["runsOrError"]["results"]:
+        found.setdefault(run["status"], []).append(run["jobName"])
+    return found
+
+
+@pytest.fixture
+def dagster_database(database_url, pg_server):
+    """Dropped after the test: the Dagster database `iiot dev` creates next to ``database_url``."""
+    name = psycopg.conninfo.conninfo_to_dict(dagster_url_for(database_url))["dbname"]
+    yield name
+    drop_database(pg_server, name)
+
+
+@pytest.mark.stack
+def test_another_shell_reaches_the_stack_through_its_env_file(
+    tmp_path, database_url, dagster_database
+):
+    """`iiot dev` writes its whole environment to <IIOT_DATA_DIR>/dev.env (mode 0600): sourced
+    by a shell it gives DAGSTER_HOME and every IIOT_* variable of the stack, and `iiot dagster`
+    runs the Dagster CLI with it, from any directory, at the first attempt."""
+    data_dir = tmp_path / "var"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(
+        IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url, IIOT_DAGSTER_PORT=str(port)
+    )
+    other_shell = {k: v for k, v in env.items() if k not in ("IIOT_DATABASE_URL",)}
+    env_file = data_dir / "dev.env"
+    process, lines, seen = start_dev(env)
+    try:
+        assert wait_for(lines, seen, "Ready. Press Ctrl-C to stop.", START_TIMEOUT_S), seen
+        output = "\n".join(seen)
+        assert f"The stack's environment is in {env_file}" in output, output
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        sourced = subprocess.run(
+            ["bash", "-c", f". '{env_file}' && env"],
+            env={"PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        for name in (
+            "DAGSTER_HOME",
+            "IIOT_DATA_DIR",
+            "IIOT_DATABASE_URL",
+            "IIOT_DAGSTER_DATABASE_URL",
+            "IIOT_MQTT_URL",
+            "IIOT_MAX_CONCURRENT_RUNS",
+        ):
+            assert any(line.startswith(f"{name}=") for line in sourced), (name, sourced)
+        assert f"DAGSTER_HOME={data_dir / 'dagster_home'}" in sourced
+        assert f"IIOT_DATABASE_URL={database_url}" in sourced
+
+        materialized = iiot(
+            other_shell,
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "iiot_orchestration.definitions",
+            "--select",
+            "telemetry_partitions",
+        )
+        assert materialized.returncode == 0, materialized.stdout + materialized.stderr
+        base = f"http://127.0.0.1:{port}"
+        runs = runs_by_status(base)
+        assert runs.get("SUCCESS") == ["__ASSET_JOB"], runs
+        assert "FAILURE" not in runs, runs
+
+        # every argument reaches dagster, and its exit code comes back (2: a usage error)
+        unknown = iiot(other_shell, "dagster", "run", "list", "--no-such-option")
+        assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+        assert "Usage: dagster run list" in unknown.stderr
+        assert "No such option '--no-such-option'" in unknown.stderr
+    finally:
+        code = ctrl_c(process, lines, seen)
+    assert code == 0, "\n".join(seen)
+    assert not env_file.exists()
+    stopped = iiot(other_shell, "dagster", "run", "list")
+    assert stopped.returncode == 1
+    assert "no `iiot dev` stack is running" in stopped.stderr
+    assert str(env_file) in stopped.stderr
+
+
+def test_iiot_dagster_refuses_an_env_file_whose_stack_is_gone(tmp_path):
+    """A stack killed outright leaves its env file: `iiot dagster` says its process is gone
+    instead of running Dagster against a stopped database."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    gone = subprocess.Popen(["true"])  # a pid no process has now
+    gone.wait()
+    (data_dir / "dev.env").write_text(
+        f"# iiot dev pid {gone.pid}: the environment of the running `iiot dev` stack.\n"
+        f"export DAGSTER_HOME='{data_dir / 'dagster_home'}'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env["IIOT_DATA_DIR"] = str(data_dir)
+    result = iiot(env, "dagster", "run", "list")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"(pid {gone.pid}) is no longer running" in result.stderr
 
 
 def test_mosquitto_reports_a_bad_configuration_line(tmp_path):

@@ -1,5 +1,6 @@
 import itertools
 import logging
+import os
 import re
 import threading
 import uuid
@@ -8,25 +9,35 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import dagster as dg
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 
+from assets.rollups import telemetry_daily, telemetry_hourly
 from firmware.simulator import (
     CUMULATIVE_METRICS,
+    HISTORY_BATCH,
+    HISTORY_PACE,
     DeviceSpec,
     SimulatedMeter,
     SimulationStats,
     SimulatorError,
+    check_history,
     encode_batch,
     encode_reading,
+    history_times,
     load_fleet,
+    parse_history,
     run_simulation,
     telemetry_topic,
 )
+from iiot_orchestration.cli import main
 from iiot_orchestration.registry import DeviceRequest, create_tenant, provision_devices
+from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.services import free_port, start_amqtt
-from tests.ingest_helpers import wait_for
+from tests.ingest_helpers import count, start_ingest_process, wait_for
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ALL_ENERGY = ("current_a", "energy_kwh", "power_w", "temperature_c", "voltage_v")
@@ -377,3 +388,211 @@ def test_a_message_no_subscriber_took_is_kept_and_sent_again(mqtt_url):
     stats = result["stats"]
     assert stats.published == stats.acknowledged == 3
     assert stats.rejected == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [("7d", timedelta(days=7)), (" 36h ", timedelta(hours=36)), ("90m", timedelta(minutes=90))],
+)
+def test_history_durations(text, span):
+    assert parse_history(text) == span
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("-7d", "history reaches back, so it is positive"),
+        ("0d", "must be longer than zero"),
+        ("0h", "must be longer than zero"),
+        ("7", "expected a whole number and a unit d, h or m, such as 7d"),
+        ("7x", "expected a whole number and a unit"),
+        ("1.5d", "expected a whole number and a unit"),
+        ("a week", "expected a whole number and a unit"),
+        ("", "expected a whole number and a unit"),
+        ("9" * 30 + "d", "far too long"),
+    ],
+)
+def test_bad_history_durations_say_what_is_wrong(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_history(text)
+
+
+def test_history_times_lie_inside_the_window_on_multiples_of_the_step():
+    times = history_times(START, timedelta(days=7), 300)
+    assert len(times) == 7 * 288
+    assert START - timedelta(days=7) < times[0] < START - timedelta(days=7) + timedelta(minutes=5)
+    assert START - timedelta(minutes=5) <= times[-1] < START
+    assert all(b - a == timedelta(minutes=5) for a, b in itertools.pairwise(times))
+    assert {(t.minute % 5, t.second, t.microsecond) for t in times} == {(0, 0, 0)}
+    on_the_step = datetime(2026, 11, 22, 20, 30, tzinfo=UTC)
+    assert history_times(on_the_step, timedelta(hours=1), 300)[0] == on_the_step - timedelta(
+        minutes=55
+    )  # the oldest is inside a retention of exactly the history
+
+
+def test_a_history_longer_than_a_tenants_retention_is_refused():
+    fleet = [
+        DeviceSpec("02:00:5e:00:00:01", "energy", ("energy_kwh",), "acme", 180, 60),
+        DeviceSpec("02:00:5e:00:00:02", "energy", ("energy_kwh",), "tiny", 30, 6),
+    ]
+    check_history(fleet, timedelta(days=30))
+    with pytest.raises(
+        SimulatorError,
+        match=r"a history of 31d reaches further back than the 30-day retention "
+        r"of tenant 'tiny'.*at most 30d",
+    ):
+        check_history(fleet, timedelta(days=31))
+    check_history(fleet_of(1), timedelta(days=3650))  # no registry data: nothing to check
+
+
+def test_history_is_published_first_and_the_live_run_continues_its_registers(mqtt_url):
+    prefix = unique_prefix()
+    fleet = [
+        DeviceSpec(f"02:00:5e:00:01:{i:02x}", "energy", ("energy_kwh", "power_w"), "acme", 7, 120)
+        for i in range(2)
+    ]
+    reports: list[SimulationStats] = []
+    with subscribed(mqtt_url, f"{prefix}/devices/+/telemetry") as inbox:
+        before = datetime.now(UTC)
+        stats = run_simulation(
+            fleet,
+            mqtt_url,
+            prefix=prefix,
+            count=2,
+            rate=50,
+            history=timedelta(days=2),
+            progress=reports.append,
+        )
+        after = datetime.now(UTC)
+        messages = inbox.wait_for(8)
+
+    # two days at five minutes are 575 or 576 readings a device: two batches, then two live
+    assert stats.published == stats.acknowledged == 8
+    assert stats.history_messages == 4
+    assert reports[-1].history_messages == 4
+    assert stats.seconds >= 60 / 120 * HISTORY_PACE  # the second batch waited for the plan's rate
+    for device in fleet:
+        bodies = [orjson.loads(p) for t, p in messages if t == telemetry_topic(prefix, device.mac)]
+        history, live = bodies[:2], bodies[2:]
+        assert len(history[0]["readings"]) == HISTORY_BATCH
+        readings = [r for b in history for r in b["readings"]]
+        assert len(readings) in (575, 576)
+        stamps = [datetime.fromisoformat(r["ts"]) for r in readings]
+        assert before - timedelta(days=2) < stamps[0] <= before - timedelta(days=2, minutes=-5)
+        assert stamps[-1] < before
+        assert all(b - a == timedelta(minutes=5) for a, b in itertools.pairwise(stamps))
+        assert len({s.hour for s in stamps}) == 24  # every hour of the day has readings
+        live_stamps = [datetime.fromisoformat(b["ts"]) for b in live]
+        assert stamps[-1] < live_stamps[0] < live_stamps[1] <= after
+        energy = [r["metrics"]["energy_kwh"] for r in readings] + [
+            b["metrics"]["energy_kwh"] for b in live
+        ]
+        assert energy == sorted(energy)  # the live run continues the history's register
+        used = energy[-1] - energy[0]
+        assert 2 * 24 * 0.3 * 0.4 < used < 2 * 24 * 4.0 * 2.5  # kWh of 300 W to 4 kW over 2 days
+        assert live[0]["metrics"]["energy_kwh"] - energy[len(readings) - 1] < 1.0
+
+
+def test_history_arguments_are_checked():
+    with pytest.raises(ValueError, match="history must be positive"):
+        run_simulation(fleet_of(1), "mqtt://127.0.0.1:1", count=1, history=timedelta(0))
+    with pytest.raises(ValueError, match="history_step"):
+        run_simulation(
+            fleet_of(1), "mqtt://127.0.0.1:1", count=1, history=timedelta(days=1), history_step=0
+        )
+
+
+@pytest.fixture
+def simulate(database_url, monkeypatch, mqtt_url):
+    """`iiot simulate` in this process against the test's database and the shared broker."""
+    for key in [k for k in os.environ if k.startswith("IIOT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("IIOT_DATABASE_URL", database_url)
+    monkeypatch.setenv("IIOT_MQTT_URL", mqtt_url)
+    monkeypatch.setenv("IIOT_TOPIC_PREFIX", unique_prefix())
+
+    def invoke(*args):
+        return CliRunner().invoke(main, ["simulate", *args], catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--history", "-7d"], "history reaches back, so it is positive"),
+        (["--history", "0d"], "must be longer than zero"),
+        (["--history", "seven days"], "expected a whole number and a unit d, h or m"),
+        (["--history", "31d"], "the 30-day retention of tenant 'acme', whose readings older"),
+        (["--history", "1h", "--history-step", "3600"], "leaves no reading in a history of 1h"),
+        (["--history", "1d", "--rate", "0.001", "--history-step", "60"], "finer than the live"),
+    ],
+)
+def test_simulate_refuses_bad_histories_before_publishing(simulate, conn, args, error):
+    create_tenant(conn, slug="acme", name="Acme", plan="starter", timezone="UTC")
+    provision_devices(conn, "acme", [DeviceRequest("02:00:00:00:00:01", "energy")])
+    result = simulate("--count", "1", *args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--history" in result.output
+    assert error in " ".join(result.output.split())
+    assert "published" not in result.output
+
+
+def test_simulate_history_lands_a_week_the_rollups_then_show(
+    database_url, conn, ingest_broker, tmp_path, monkeypatch
+):
+    """`iiot simulate --history 7d` through a real ingest daemon: a reading every five minutes
+    of the past week lands (none refused), the live reading continues the register, and a
+    backfill of the daily rollup has every day of the week."""
+    create_tenant(conn, slug="demo", name="Demo", plan="pro", timezone="UTC")
+    provision_devices(conn, "demo", [DeviceRequest("02:00:00:00:00:01", "water")])
+    prefix = unique_prefix()
+    ingest = start_ingest_process(
+        database_url, ingest_broker.url, tmp_path / "ingest", IIOT_TOPIC_PREFIX=prefix
+    )
+    try:
+        for key in [k for k in os.environ if k.startswith("IIOT_")]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("IIOT_DATABASE_URL", database_url)
+        monkeypatch.setenv("IIOT_MQTT_URL", ingest_broker.url)
+        monkeypatch.setenv("IIOT_TOPIC_PREFIX", prefix)
+        started = datetime.now(UTC)
+        result = CliRunner().invoke(
+            main, ["simulate", "--history", "7d", "--count", "1"], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        assert "Publishing 7d of history first, a reading every 300 s per device" in result.output
+        assert "history: 5 of 5 messages (100 %)" in result.output
+        assert "Done: 6 messages published, 6 acknowledged" in result.output
+        expected = 7 * 288 + 1
+        assert wait_for(lambda: count(conn, "telemetry", "metric = 'water_m3'") >= expected, 60)
+    finally:
+        ingest.terminate()
+        ingest.wait(30)
+    assert count(conn, "telemetry", "metric = 'water_m3'") == expected
+    assert count(conn, "dead_letters") == 0
+    rows = conn.execute(
+        "SELECT ts, value FROM telemetry WHERE metric = 'water_m3' ORDER BY ts"
+    ).fetchall()
+    assert started - timedelta(days=7) < rows[0][0] < started - timedelta(days=7, minutes=-5)
+    values = [value for _, value in rows]
+    assert values == sorted(values)  # history, then the live reading, one register
+    first_day = rows[0][0].date()
+    days = [first_day + timedelta(days=n) for n in range(8)]
+    rolled = dg.materialize(
+        [telemetry_hourly, telemetry_daily],
+        tags={
+            "dagster/asset_partition_range_start": days[0].isoformat(),
+            "dagster/asset_partition_range_end": days[-1].isoformat(),
+        },
+        resources={"postgres": PostgresResource(database_url=database_url)},
+    )
+    assert rolled.success
+    daily = dict(
+        conn.execute(
+            "SELECT (bucket AT TIME ZONE 'UTC')::date, sum(readings) FROM telemetry_daily"
+            " WHERE metric = 'water_m3' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    assert sorted(daily) == days
+    assert all(daily[day] == 288 for day in days[1:-1])  # whole days: every five minutes
