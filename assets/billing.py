@@ -196,7 +196,14 @@ class NightlyBillingConfig(dg.Config):
             blocking=True,
             description="Every tenant of the night got its usage and its invoice, each stored "
             "total equal to the sum of its stored lines.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            RECONCILED,
+            asset="billing_nightly",
+            description="For every tenant of the night, the readings billed for the day equal "
+            "the raw readings received in it (billing's rule: an hour counts on the local day "
+            "it starts in).",
+        ),
     ],
     description="The nightly billing of many tenants at once (the tenants of a time zone whose "
     "local day, the partition, has just ended): the day's usage for all of them in a few "
@@ -213,6 +220,7 @@ def billing_nightly(
     with postgres.get_connection() as conn:
         tenants = billing.tenants(conn, config.tenants or None, timezones=config.timezones or None)
         night = billing.bill_night(conn, tenants, day, actor=actor)
+        reconciled = billing.reconcile_many(conn, [(t, day, day) for t in night.usage])
         ids = [o.invoice_id for o in night.billing.outcomes]
         mismatched = conn.execute(
             "SELECT count(*) FROM (SELECT i.invoice_id FROM invoices i"
@@ -254,6 +262,7 @@ def billing_nightly(
     for who, label, reason in night.billing.failures:
         context.log.error(f"invoice {label:%Y-%m} of {who.slug}: {reason}")
     actions = [o.action for o in night.billing.outcomes]
+    unreconciled = sorted(by_id[t].slug for t, (billed, raw) in reconciled.items() if billed != raw)
     result = dg.MaterializeResult(
         metadata={
             "tenants": len(tenants),
@@ -271,7 +280,17 @@ def billing_nightly(
                 check_name=NIGHT_BILLED,
                 passed=not night.billing.failures and mismatched == 0,
                 metadata={"failed": len(night.billing.failures), "total_not_sum": mismatched},
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name=RECONCILED,
+                passed=not unreconciled,
+                metadata={
+                    "billed_readings": sum(billed for billed, _ in reconciled.values()),
+                    "raw_readings": sum(raw for _, raw in reconciled.values()),
+                    "tenants_differing": len(unreconciled),
+                    "first_differing": ", ".join(unreconciled[:20]),
+                },
+            ),
         ],
     )
     if night.billing.failures:

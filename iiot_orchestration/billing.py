@@ -1681,21 +1681,48 @@ def events(
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
+# Readings billed for spans of local days (the snapshots and the late usage of those days)
+# against the raw readings received in the same days by billing's rule: a UTC hour belongs to
+# the local day it starts in, so a day's readings are those received from the first whole UTC
+# hour at or after its local midnight to the first at or after the next (in a half-hour zone
+# the hour straddling midnight counts on the day it starts in, for both).
+_RECONCILE = """
+SELECT w.tenant_id,
+       (SELECT coalesce(sum(u.readings), 0) FROM billing_daily_usage u
+         WHERE u.tenant_id = w.tenant_id AND u.day >= w.first AND u.day <= w.last)
+       + (SELECT coalesce(sum(l.readings), 0) FROM billing_late_usage l
+           WHERE l.tenant_id = w.tenant_id AND l.day >= w.first AND l.day <= w.last),
+       (SELECT count(*) FROM telemetry r
+         WHERE r.tenant_id = w.tenant_id AND r.received_at >= b.start AND r.received_at < b.stop)
+  FROM unnest(%s::integer[], %s::date[], %s::date[]) AS w (tenant_id, first, last)
+  JOIN tenants t ON t.tenant_id = w.tenant_id
+ CROSS JOIN LATERAL (
+       SELECT date_trunc('hour', (w.first::timestamp AT TIME ZONE t.timezone)
+                                 - interval '1 microsecond', 'UTC') + interval '1 hour' AS start,
+              date_trunc('hour', ((w.last + 1)::timestamp AT TIME ZONE t.timezone)
+                                 - interval '1 microsecond', 'UTC') + interval '1 hour' AS stop) b
+"""
+
+
+def reconcile_many(
+    conn: psycopg.Connection, spans: Iterable[tuple[int, date, date]]
+) -> dict[int, tuple[int, int]]:
+    """For many (tenant_id, first day, last day) spans: tenant_id -> (readings billed, raw
+    readings received) over those local days, by the same rule as billing (the raw rows still
+    retained). One statement."""
+    spans = [span for span in spans if span[1] <= span[2]]
+    if not spans:
+        return {}
+    return {
+        tenant_id: (int(billed), int(raw))
+        for tenant_id, billed, raw in conn.execute(_RECONCILE, _columns(spans, 3))
+    }
+
+
 def reconcile(conn: psycopg.Connection, who: Tenant, period: Period, until: date) -> tuple:
     """Readings billed for the period's days against raw readings received in the same local
-    days (the raw rows still retained)."""
-    days = period.dates(until=until)
+    days (``reconcile_many`` for one tenant)."""
+    days = billable_days(who, period, until)
     if not days:
         return 0, 0
-    billed = conn.execute(
-        "SELECT coalesce(sum(readings), 0) FROM billing_daily_usage"
-        " WHERE tenant_id = %s AND day >= %s AND day <= %s",
-        (who.tenant_id, days[0], days[-1]),
-    ).fetchone()[0]
-    raw = conn.execute(
-        "SELECT count(*) FROM telemetry WHERE tenant_id = %(t)s"
-        "   AND received_at >= (%(s)s::date)::timestamp AT TIME ZONE %(tz)s"
-        "   AND received_at < (%(e)s::date)::timestamp AT TIME ZONE %(tz)s",
-        {"t": who.tenant_id, "s": days[0], "e": days[-1] + timedelta(days=1), "tz": who.timezone},
-    ).fetchone()[0]
-    return int(billed), int(raw)
+    return reconcile_many(conn, [(who.tenant_id, days[0], days[-1])])[who.tenant_id]

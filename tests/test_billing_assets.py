@@ -422,7 +422,7 @@ def test_the_bulk_nightly_asset_bills_like_the_per_tenant_assets(
     assert usage_event.dagster_event.partition == tenant_key("2026-10-10", "acme", "day")
     assert invoice_event.dagster_event.partition == tenant_key("2026-10-01", "acme")
     assert result.success
-    assert checks(result) == {NIGHT_BILLED: True}
+    assert checks(result) == {NIGHT_BILLED: True, RECONCILED: True}
     [materialization] = [
         m
         for m in result.asset_materializations_for_node("billing_nightly")
@@ -439,6 +439,35 @@ def test_the_bulk_nightly_asset_bills_like_the_per_tenant_assets(
     stored = billing.stored_invoice(conn, acme.tenant_id, date(2026, 10, 1))
     assert stored.total == Decimal("4900.00")
     assert (reports_root / "acme" / "2026-10" / "invoice.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_the_bulk_night_reconciles_the_day_with_raw_readings(
+    conn, database_url, acme, reports_root
+):
+    """A raw reading received on 2026-10-10 that ingest never counted: billed 3, raw 4."""
+    device_id = conn.execute("SELECT device_id FROM devices").fetchone()[0]
+    conn.execute(
+        "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)"
+        " VALUES (%s, %s, 'energy_kwh', '2026-10-10 12:00Z', 9, '2026-10-10 16:00Z')",
+        (acme.tenant_id, device_id),
+    )
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [billing_nightly],
+            partition_key="2026-10-10",
+            instance=instance,
+            resources={"postgres": PostgresResource(database_url=database_url)},
+            run_config={"ops": {"billing_nightly": {"config": {"tenants": ["acme"]}}}},
+        )
+    assert checks(result) == {NIGHT_BILLED: True, RECONCILED: False}
+    [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == RECONCILED]
+    meta = {k: v.value for k, v in evaluation.metadata.items()}
+    assert meta == {
+        "billed_readings": 3,
+        "raw_readings": 4,
+        "tenants_differing": 1,
+        "first_differing": "acme",
+    }
 
 
 def test_many_tenants_due_in_one_zone_get_one_bulk_run():

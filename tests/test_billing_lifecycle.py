@@ -9,9 +9,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from iiot_orchestration import billing
+from iiot_orchestration import billing, registry
 from iiot_orchestration.billing import BillingError
 from iiot_orchestration.cli import main
+from iiot_orchestration.storage import storage_for
 from tests.test_billing import START, lines, make_tenant, utc
 
 OCT = date(2026, 10, 1)
@@ -458,3 +459,52 @@ def test_the_cli_schedules_a_price_change_only_for_days_to_come(conn, cli_env, m
     assert f"enterprise from {later}: monthly_price 4900.00" in result.output
     assert "overage_price_per_1k_messages 0.0600" in result.output
     assert conn.execute("SELECT count(*) FROM plan_prices").fetchone() == (4,)
+
+
+def received(conn, who, device_id, *times) -> None:
+    """One raw reading received at each time, and the ingest counter of its UTC hour."""
+    for n, at in enumerate(times):
+        conn.execute(
+            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, received_at)"
+            " VALUES (%s, %s, 'energy_kwh', %s, %s, %s)",
+            (who.tenant_id, device_id, at, n, at),
+        )
+        conn.execute(
+            "INSERT INTO ingest_usage (tenant_id, device_id, hour, messages, readings)"
+            " VALUES (%s, %s, date_trunc('hour', %s::timestamptz, 'UTC'), 1, 1)"
+            " ON CONFLICT (tenant_id, hour, device_id) DO UPDATE"
+            " SET messages = ingest_usage.messages + 1, readings = ingest_usage.readings + 1",
+            (who.tenant_id, device_id, at),
+        )
+
+
+# Readings received around the local midnights that bound October 1 to 10 (today Oct 11), in two
+# zones with half-hour offsets. Billing counts a UTC hour on the local day it starts in; the old
+# check counted from exact local midnight and raised false alarms.
+# - Kolkata (UTC+5:30): Oct 10 18:15 and 18:45 UTC (23:45 Oct 10 and 00:15 Oct 11 local) are in
+#   the hour 18:00, which starts Oct 10 23:30 local: both billed on Oct 10. Billed 2, raw 2 (the
+#   old check: received before Oct 11 00:00 local = 18:30 UTC, 1).
+# - St John's (UTC-2:30 in October): Oct 1 02:45 UTC (00:15 Oct 1 local) is in the hour 02:00,
+#   which starts Sep 30 23:30 local: billed on Sep 30, outside the span. Oct 11 02:15 UTC (23:45
+#   Oct 10 local): billed on Oct 10. Billed 1, raw 1 (the old check, from Oct 1 02:30 UTC: 2).
+@pytest.mark.parametrize(
+    ("timezone", "times", "expected"),
+    [
+        ("Asia/Kolkata", [utc(2026, 10, 10, 18, 15), utc(2026, 10, 10, 18, 45)], (2, 2)),
+        ("America/St_Johns", [utc(2026, 10, 1, 2, 45), utc(2026, 10, 11, 2, 15)], (1, 1)),
+    ],
+)
+def test_reconciliation_assigns_readings_to_days_as_billing_does(conn, timezone, times, expected):
+    who = make_tenant(conn, "acme", [("pro", START)], timezone=timezone)
+    [device] = registry.provision_devices(
+        conn, "acme", [registry.DeviceRequest("02:00:00:00:0b:01", "energy")]
+    )
+    storage_for(conn).ensure_partitions(conn, date(2026, 9, 29), date(2026, 10, 12))
+    received(conn, who, device.device_id, *times)
+    today = date(2026, 10, 11)
+    billing.bill(conn, who, OCT, today=today)
+    assert billing.reconcile(conn, who, billing.period_of(OCT, 1), today) == expected
+    # the bulk check's form: one day, many tenants
+    assert billing.reconcile_many(
+        conn, [(who.tenant_id, date(2026, 10, 10), date(2026, 10, 10))]
+    ) == {who.tenant_id: expected}
