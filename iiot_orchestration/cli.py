@@ -675,6 +675,7 @@ from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command 
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
+from iiot_orchestration.cli_dagster import dagster_command  # noqa: E402
 from iiot_orchestration.cli_dead_letters import dead_letters_group  # noqa: E402
 from iiot_orchestration.cli_ingest_sessions import ingest_sessions_group  # noqa: E402
 from iiot_orchestration.cli_pki import issue_cert_command, pki_group, revoke_command  # noqa: E402
@@ -695,6 +696,7 @@ main.add_command(dead_letters_group)
 main.add_command(ingest_sessions_group)
 tenants.add_command(tenants_delete_command)
 tenants.add_command(logins_group)
+main.add_command(dagster_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
