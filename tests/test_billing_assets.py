@@ -403,19 +403,24 @@ def test_cli_refuses_bad_input_clearly(conn, acme, run, args, message):
     assert "Traceback" not in result.output
 
 
+def bill_acme_night(database_url, instance):
+    """billing_nightly for acme and the night of 2026-10-10."""
+    return dg.materialize(
+        [billing_nightly],
+        partition_key="2026-10-10",
+        instance=instance,
+        resources={"postgres": PostgresResource(database_url=database_url)},
+        run_config={"ops": {"billing_nightly": {"config": {"tenants": ["acme"]}}}},
+    )
+
+
 def test_the_bulk_nightly_asset_bills_like_the_per_tenant_assets(
     conn, database_url, acme, reports_root, tmp_path
 ):
     """billing_nightly for 2026-10-10: acme's usage of that day (the same row the usage asset
     writes) and its October invoice with its files, one bulk run."""
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [billing_nightly],
-            partition_key="2026-10-10",
-            instance=instance,
-            resources={"postgres": PostgresResource(database_url=database_url)},
-            run_config={"ops": {"billing_nightly": {"config": {"tenants": ["acme"]}}}},
-        )
+        result = bill_acme_night(database_url, instance)
         # the per-tenant partitions it wrote show as materialized
         usage_event = instance.get_latest_materialization_event(billing_daily_usage.key)
         invoice_event = instance.get_latest_materialization_event(billing_invoice.key)
@@ -452,13 +457,7 @@ def test_the_bulk_night_reconciles_the_day_with_raw_readings(
         (acme.tenant_id, device_id),
     )
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [billing_nightly],
-            partition_key="2026-10-10",
-            instance=instance,
-            resources={"postgres": PostgresResource(database_url=database_url)},
-            run_config={"ops": {"billing_nightly": {"config": {"tenants": ["acme"]}}}},
-        )
+        result = bill_acme_night(database_url, instance)
     assert checks(result) == {NIGHT_BILLED: True, RECONCILED: False}
     [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == RECONCILED]
     meta = {k: v.value for k, v in evaluation.metadata.items()}
