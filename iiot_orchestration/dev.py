@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -29,9 +30,13 @@ from iiot_orchestration.errors import IiotError
 from iiot_orchestration.services import (
     Broker,
     ServiceError,
+    bind_error,
     ensure_database,
     free_port,
+    listens_on,
     port_free,
+    port_listeners,
+    port_open,
     start_broker,
     start_embedded_postgres,
 )
@@ -117,15 +122,34 @@ def seed_demo(database_url: str, echo: Callable[[str], None]) -> None:
 
 
 def _wait_for_webserver(
-    stack: DevStack, base_url: str, stop: threading.Event
+    stack: DevStack, host: str, port: int, stop: threading.Event
 ) -> list[dict[str, Any]]:
+    """The code locations, once the webserver started here answers on ``host:port``: a server
+    answering there that is not this child (another Dagster started meanwhile) stops `iiot dev`
+    instead of being taken for it."""
+    webserver = stack.processes["dagster-webserver"]
+    log_dir = stack.dagster_home.parent / "logs"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline and not stop.is_set():
         for name, process in stack.processes.items():
             if process.poll() is not None:
-                raise ServiceError(f"{name} exited with code {process.returncode} during start-up")
+                taken = _port_taken_message(host, port) if process is webserver else None
+                raise ServiceError(
+                    f"{name} exited with code {process.returncode} during start-up"
+                    + (f": {taken}" if taken else f"; see {log_dir / (name + '.log')}")
+                )
+        # answered first, then ours: a child that binds in between is not taken for another
+        if not port_open(host, port):
+            stop.wait(1)
+            continue
+        if not listens_on(webserver.pid, port):
+            raise ServiceError(
+                f"another process answers on {host}:{port}, not the dagster-webserver started "
+                f"here (pid {webserver.pid}){_holders(port)}: stop it, or set IIOT_DAGSTER_PORT "
+                "to a free port"
+            )
         try:
-            locations = code_locations(base_url)
+            locations = code_locations(f"http://{host}:{port}")
         except (OSError, urllib.error.URLError, KeyError, ValueError):
             stop.wait(1)
             continue
@@ -142,6 +166,36 @@ def _wait_for_webserver(
     if stop.is_set():
         return []
     raise ServiceError(f"the Dagster webserver did not load its code within {STARTUP_TIMEOUT_S} s")
+
+
+def _check_dagster_port(settings: Settings) -> None:
+    """Before anything starts: the webserver's port is the one fixed port of the stack (the
+    broker moves to a free port when 1883 is taken, the ingest metrics take any free one)."""
+    taken = _port_taken_message(settings.dagster_host, settings.dagster_port)
+    if taken:
+        raise ServiceError(taken)
+
+
+def _port_taken_message(host: str, port: int) -> str | None:
+    """Why the Dagster webserver cannot listen on ``host:port``, naming the variable to change;
+    None when it can."""
+    error = bind_error(host, port)
+    if error is None:
+        return None
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} of the Dagster webserver is taken{_holders(port)}: stop what listens "
+            "there, or set IIOT_DAGSTER_PORT to a free port"
+        )
+    return (
+        f"the Dagster webserver cannot listen on {host}:{port} ({error.strerror}): "
+        "check IIOT_DAGSTER_HOST and IIOT_DAGSTER_PORT"
+    )
+
+
+def _holders(port: int) -> str:
+    listeners = port_listeners(port)
+    return "".join(f" by pid {pid} ({command})" for pid, command in listeners.items())
 
 
 # set in the environment of the stack's processes when `iiot dev` starts the broker itself:
@@ -299,6 +353,8 @@ def run_dev_stack(
     # the handlers stay until everything has stopped, so a second Ctrl-C cannot cut it short
     with stop_on_signals() as stop, ExitStack() as cleanup:
         try:
+            if dagster:
+                _check_dagster_port(settings)
             stack = _start(settings, data_dir, cleanup, echo)
             # unwound first: the processes stop before the broker and the database
             cleanup.callback(_stop_processes, stack.processes, echo)
@@ -505,7 +561,7 @@ def _start_dagster(
         log_dir,
     )
     base_url = f"http://{host}:{port}"
-    locations = _wait_for_webserver(stack, base_url, stop)
+    locations = _wait_for_webserver(stack, host, port, stop)
     for location in locations:
         echo(f"Code location {location['name']}: {location['loadStatus'].lower()}")
     if locations:

@@ -59,13 +59,61 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 def port_free(host: str, port: int) -> bool:
     """Whether a listener could bind ``host:port`` now (connections of a stopped listener
     lingering in TIME_WAIT do not count, as for Mosquitto, which sets SO_REUSEADDR)."""
+    return bind_error(host, port) is None
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a listener could not bind ``host:port`` now (None: it could), as for ``port_free``."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _listening_sockets(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on ``port`` (any address) in this network namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                # state 0A is LISTEN; the local address is ADDRESS:PORT in hexadecimal
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _sockets_of(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux /proc)."""
+    return bool(_sockets_of(pid) & _listening_sockets(port))
+
+
+def port_listeners(port: int) -> dict[int, str]:
+    """The processes listening on TCP ``port`` whose descriptors this user may read, with their
+    command lines (shortened): to name who holds a port."""
+    inodes = _listening_sockets(port)
+    found = {}
+    for entry in os.listdir("/proc") if inodes else ():
+        if entry.isdigit() and _sockets_of(int(entry)) & inodes:
+            with contextlib.suppress(OSError):
+                words = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                command = " ".join(b" ".join(words).decode(errors="replace").split())
+                found[int(entry)] = command if len(command) <= 80 else command[:77] + "..."
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:

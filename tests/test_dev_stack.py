@@ -17,7 +17,13 @@ import paho.mqtt.subscribe as subscribe
 import psycopg
 import pytest
 
-from iiot_orchestration.dev import DEMO_DEVICES, DEMO_TENANT, code_locations
+from iiot_orchestration.dev import (
+    DEMO_DEVICES,
+    DEMO_TENANT,
+    DevStack,
+    _wait_for_webserver,
+    code_locations,
+)
 from iiot_orchestration.services import ServiceError, free_port, port_open, start_mosquitto
 from iiot_orchestration.settings import dagster_url_for
 from tests.conftest import REPO_ROOT, drop_database
@@ -384,6 +390,94 @@ def test_iiot_dagster_refuses_an_env_file_whose_stack_is_gone(tmp_path):
     result = iiot(env, "dagster", "run", "list")
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"(pid {gone.pid}) is no longer running" in result.stderr
+
+
+# another Dagster webserver, as far as `iiot dev` can tell: its code location answers, loaded
+FAKE_DAGSTER = """
+import http.server, json, sys
+LOCATIONS = {"data": {"workspaceOrError": {"locationEntries": [{"name": "other",
+    "loadStatus": "LOADED", "locationOrLoadError": {"__typename": "RepositoryLocation"}}]}}}
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps(LOCATIONS).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def other_dagster():
+    """A process that answers on a port as a Dagster webserver would; yields (port, pid)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DAGSTER, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        assert code_locations(f"http://127.0.0.1:{port}")[0]["name"] == "other"
+        yield port, server.pid
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+
+
+def test_iiot_dev_stops_at_once_when_its_dagster_port_is_taken(tmp_path, other_dagster):
+    """Another Dagster on IIOT_DAGSTER_PORT: `iiot dev` says which port, who holds it and which
+    variable to change before it starts anything, and never says "Ready."."""
+    port, pid = other_dagster
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(tmp_path / "var"), IIOT_DAGSTER_PORT=str(port))
+    process, lines, seen = start_dev(env)
+    try:
+        assert wait_for(lines, seen, "Stopped.", START_TIMEOUT_S), seen
+        process.wait(60)
+    finally:
+        code = ctrl_c(process, lines, seen)
+    output = "\n".join(seen)
+    assert code == 1, output
+    assert f"error: port {port} of the Dagster webserver is taken by pid {pid} (" in output
+    assert "set IIOT_DAGSTER_PORT to a free port" in output
+    assert "Ready." not in output
+    assert "Database:" not in output  # nothing was started
+    assert not (tmp_path / "var" / "pgdata").exists()
+
+
+def test_iiot_dev_names_the_host_it_cannot_listen_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(IIOT_DATA_DIR=str(tmp_path / "var"), IIOT_DAGSTER_HOST="192.0.2.1")
+    result = iiot(env, "dev")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot listen on 192.0.2.1:3000 (Cannot assign requested address)" in result.stdout
+    assert "check IIOT_DAGSTER_HOST and IIOT_DAGSTER_PORT" in result.stdout
+
+
+def test_ready_is_only_for_the_webserver_started_here(tmp_path, other_dagster):
+    """The port was free when `iiot dev` checked it, and another Dagster took it before our
+    webserver bound it: that one's answers are not taken for ours."""
+    port, pid = other_dagster
+    ours = subprocess.Popen(["sleep", "60"])  # alive, listening nowhere
+    stack = DevStack("", "", "", tmp_path / "dagster_home")
+    stack.processes["dagster-webserver"] = ours
+    try:
+        with pytest.raises(ServiceError) as raised:
+            _wait_for_webserver(stack, "127.0.0.1", port, threading.Event())
+    finally:
+        ours.kill()
+        ours.wait()
+    message = str(raised.value)
+    assert f"another process answers on 127.0.0.1:{port}" in message
+    assert f"not the dagster-webserver started here (pid {ours.pid}) by pid {pid} (" in message
+    assert "set IIOT_DAGSTER_PORT to a free port" in message
 
 
 def test_mosquitto_reports_a_bad_configuration_line(tmp_path):
