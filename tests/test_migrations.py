@@ -273,8 +273,9 @@ def test_0022_keeps_every_reading_under_a_key_with_the_tenant(
     """Upgrading a database with readings (compressed by hand in TimescaleDB mode, through the
     function 0016 offered) keys them by tenant without losing or changing one."""
     before = copy_migrations(tmp_path)
-    for path in before.glob("0022_*.sql"):
-        path.unlink()
+    for path in before.glob("*.sql"):
+        if int(path.name[:4]) >= 22:
+            path.unlink()
     migrate.migrate(empty_database_url, "auto", echo=quiet, directory=before)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(
@@ -304,7 +305,7 @@ def test_0022_keeps_every_reading_under_a_key_with_the_tenant(
     assert len(expected) == 2 * 2 * 1440
 
     applied = migrate.migrate(empty_database_url, "auto", echo=quiet)
-    assert [m.version for m in applied] == [22]
+    assert applied[0].version == 22
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         assert (
             conn.execute(
