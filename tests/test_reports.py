@@ -46,6 +46,7 @@ from iiot_orchestration.reports.data import (
 from iiot_orchestration.reports.files import atomic_file, report_path
 from iiot_orchestration.reports.labels import labels_for, parse_number
 from iiot_orchestration.reports.pdf import _daily_chart, render_pdf
+from iiot_orchestration.reports.units import AxisScale, axis_scale
 from iiot_orchestration.reports.verify import pdf_text, verify_files
 from iiot_orchestration.reports.xlsx import build_sheets, count_rows, render_xlsx
 from iiot_orchestration.resources import PostgresResource
@@ -671,6 +672,13 @@ def test_axes_and_bar_labels_show_the_decimals_the_unit_needs(tmp_path):
     # the bar labels: each device's volume to the register's 0.001 (they read "0,5" and "1,0")
     assert "1,033\n" in top
     assert "0,501\n" in top
+    # the axis ends a step above the largest value, so the largest bar has room for its label
+    assert [axis_scale(v, "m3") for v in (0.5, 0.0495, 1115.5, 0)] == [
+        AxisScale(0.1, 0.6, 1),
+        AxisScale(0.01, 0.06, 2),
+        AxisScale(500, 1500, 0),
+        AxisScale(1, 1, 0),
+    ]
 
     render_xlsx(report, tmp_path / "r.xlsx")
     [chart] = load_workbook(tmp_path / "r.xlsx")["Diário"]._charts

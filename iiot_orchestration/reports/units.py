@@ -40,8 +40,9 @@ class AxisScale:
 
 def axis_scale(maximum: float, unit: str) -> AxisScale:
     """A step of 1, 2 or 5 times a power of ten (not finer than the unit's resolution) that
-    divides 0..maximum into about AXIS_INTERVALS steps, and the decimals its labels need: a
-    few hundredths of a cubic metre read 0,01 0,02 ..., not 0,0 five times."""
+    divides 0..maximum into about AXIS_INTERVALS steps, the first step above the maximum as the
+    top, and the decimals the labels need: a few hundredths of a cubic metre read 0,01 0,02 ...,
+    not 0,0 five times."""
     if to_resolution(maximum, unit) <= 0:  # nothing consumed: a plain 0 to 1
         return AxisScale(step=1.0, top=1.0, decimals=0)
     finest = 10.0 ** -decimals(unit)
@@ -51,5 +52,6 @@ def axis_scale(maximum: float, unit: str) -> AxisScale:
     step = max(step, finest)
     places = max(0, -math.floor(math.log10(step) + 1e-9))
     step = round(step, places)
-    top = round(math.ceil(to_resolution(maximum, unit) / step - 1e-9) * step, places)
-    return AxisScale(step=step, top=max(top, step), decimals=places)
+    # the first step above the maximum: the largest bar keeps room for its label
+    top = round((math.floor(to_resolution(maximum, unit) / step + 1e-9) + 1) * step, places)
+    return AxisScale(step=step, top=top, decimals=places)
