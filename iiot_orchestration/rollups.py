@@ -27,6 +27,8 @@ DAY = timedelta(days=1)
 SERIALIZATION_RETRIES = 5
 
 SideConnection = Callable[[], AbstractContextManager[psycopg.Connection]]
+HOURLY_AGGREGATE = "iiot_aggregates.telemetry_hourly_cagg"
+DAILY_AGGREGATE = "iiot_aggregates.telemetry_daily_cagg"
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,12 @@ def rollup_hours(
     series whose rows in the windows differ from what they held are marked in
     ``rollup_stale_days``, in the same transaction.
 
-    With ``dirty_devices_only`` (the late-data sensor's runs; PostgreSQL mode) only the series
-    of the devices marked in ``dirty_window_devices`` for the windows are rewritten. Each
-    window's rollup count must then still equal its raw count; if not (the window was never
-    rolled up whole, or changed without marks), the windows are rewritten whole."""
+    With ``dirty_devices_only`` (the late-data sensor's runs) only the series of the devices
+    marked in ``dirty_window_devices`` for the windows are rewritten, from their raw readings in
+    either mode (TimescaleDB mode leaves the hourly aggregate's invalidated hours to the next run
+    that reads it: it has no per-device refresh). Each window's rollup count must then still
+    equal its raw count; if not (the window was never rolled up whole, or changed without
+    marks), the windows are rewritten whole."""
     for attempt in range(1, SERIALIZATION_RETRIES + 1):
         try:
             return _rollup_hours_once(
@@ -161,33 +165,33 @@ def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> No
         conn.autocommit = False
 
 
-def _stats_query(mode: str) -> str:
-    return query("rollup_hour_stats_cagg" if mode == "timescale" else "rollup_hour_stats_raw")
+def _stats_query(aggregate: bool) -> str:
+    return query("rollup_hour_stats_cagg" if aggregate else "rollup_hour_stats_raw")
 
 
 @dataclass(frozen=True)
 class _SidePass:
     """The raw reading count of one window and the rows of its cumulative series: whole
-    statistics with consumption (PostgreSQL mode) or consumption alone (TimescaleDB mode, whose
-    statistics come from the continuous aggregate)."""
+    statistics with consumption (from the raw readings) or consumption alone (when the
+    statistics come from the continuous aggregate: TimescaleDB mode, whole hours)."""
 
     consumption: list[tuple]
     source_readings: int
 
 
-def _side_query(mode: str) -> str:
-    return query("rollup_consumption" if mode == "timescale" else "rollup_cumulative_stats")
+def _side_query(aggregate: bool) -> str:
+    return query("rollup_consumption" if aggregate else "rollup_cumulative_stats")
 
 
 def _side_pass(
     conn: psycopg.Connection,
     window: Window,
     cumulative: list[str],
-    mode: str,
+    aggregate: bool,
     devices: list[int] | None,
 ) -> _SidePass:
     params = _window_params(window, cumulative, devices)
-    rows = conn.execute(_side_query(mode), params).fetchall()
+    rows = conn.execute(_side_query(aggregate), params).fetchall()
     source = conn.execute(
         "SELECT count(*) FROM telemetry WHERE ts >= %(start)s AND ts < %(end)s", params
     ).fetchone()[0]
@@ -201,13 +205,15 @@ def _side_passes(
     cumulative: list[str],
     side: SideConnection | None,
     work_mem: str | None,
-    mode: str,
+    aggregate: bool,
     devices: list[int] | None,
 ) -> Iterator[Callable[[], list[_SidePass]]]:
     """The side passes of every window, on a second connection in a thread when ``side`` is
     given (the result waits for it), else on ``conn`` when the result is asked for."""
     if side is None:
-        yield lambda: [_side_pass(conn, window, cumulative, mode, devices) for window in windows]
+        yield lambda: [
+            _side_pass(conn, window, cumulative, aggregate, devices) for window in windows
+        ]
         return
     snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
 
@@ -217,7 +223,9 @@ def _side_passes(
             with other.transaction():
                 other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
                 session_settings(other, work_mem)
-                return [_side_pass(other, window, cumulative, mode, devices) for window in windows]
+                return [
+                    _side_pass(other, window, cumulative, aggregate, devices) for window in windows
+                ]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollup-side") as pool:
         future = pool.submit(run)
@@ -237,11 +245,15 @@ def _rollup_hours_once(
 ) -> RollupResult:
     rows = readings = source = marked = 0
     follow_ups = (0, 0)
-    mode = storage_for(conn).mode
+    timescale = storage_for(conn).mode == "timescale"
     conn.commit()  # end the read, so that the isolation level can change
-    if mode == "timescale":
+    # TimescaleDB mode: whole hours come from the hourly aggregate, refreshed for them first; a
+    # run of the dirty devices reads their raw readings and leaves the aggregate's invalidated
+    # hours to the next run that reads them (refreshing one costs every device's readings)
+    refreshed = timescale and not dirty_devices_only
+    if refreshed:
         for window in windows:
-            refresh_aggregate(conn, "iiot_aggregates.telemetry_hourly_cagg", window)
+            refresh_aggregate(conn, HOURLY_AGGREGATE, window)
     previous = conn.isolation_level
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     try:
@@ -251,34 +263,33 @@ def _rollup_hours_once(
                 metric
                 for (metric,) in conn.execute("SELECT metric FROM metric_catalog WHERE cumulative")
             ]
-            devices = (
-                _dirty_devices(conn, windows) or None
-                if dirty_devices_only and mode != "timescale"
-                else None
-            )
+            devices = _dirty_devices(conn, windows) or None if dirty_devices_only else None
+            if timescale and devices is None and not refreshed:
+                raise _PartialMismatch("no dirty devices are marked in the windows")
+            aggregate = timescale and devices is None
             with _side_passes(
-                conn, windows, cumulative, side, work_mem, mode, devices
+                conn, windows, cumulative, side, work_mem, aggregate, devices
             ) as side_results:
                 conn.execute(
                     "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
-                    + _stats_query(mode)
+                    + _stats_query(aggregate)
                     + " WITH NO DATA",
                     _window_params(windows[0], cumulative, devices),
                 )
                 for window in windows:
                     conn.execute(
-                        "INSERT INTO rollup_stats " + _stats_query(mode),
+                        "INSERT INTO rollup_stats " + _stats_query(aggregate),
                         _window_params(window, cumulative, devices),
                     )
                 passes = side_results()
-            _load_side_rows(conn, [row for p in passes for row in p.consumption], mode)
+            _load_side_rows(conn, [row for p in passes for row in p.consumption], aggregate)
             span = {"start": windows[0].start, "end": windows[-1].end, "devices": devices}
             if mark_changes:
                 conn.execute(query("rollup_hours_snapshot"), span)
             for window in windows:
                 params = {"start": window.start, "end": window.end, "devices": devices}
                 conn.execute(query("rollup_hours_delete"), params)
-            insert = "rollup_hours_insert" if mode == "timescale" else "rollup_hours_insert_raw"
+            insert = "rollup_hours_insert" if aggregate else "rollup_hours_insert_raw"
             rows = conn.execute(query(insert)).rowcount
             if mark_changes:
                 marked = conn.execute(query("rollup_hours_mark"), span).rowcount
@@ -356,10 +367,11 @@ def _dirty_devices(conn: psycopg.Connection, windows: list[Window]) -> list[int]
     )
 
 
-def _load_side_rows(conn: psycopg.Connection, rows: list[tuple], mode: str) -> None:
-    """The side pass's rows into a temporary table: ``rollup_consumption`` (TimescaleDB mode) or
-    ``rollup_cumulative`` (PostgreSQL mode, the cumulative series' whole statistics)."""
-    if mode == "timescale":
+def _load_side_rows(conn: psycopg.Connection, rows: list[tuple], aggregate: bool) -> None:
+    """The side pass's rows into a temporary table: ``rollup_consumption`` (statistics from the
+    aggregate) or ``rollup_cumulative`` (from the raw readings: the cumulative series' whole
+    statistics)."""
+    if aggregate:
         table, columns = "rollup_consumption", _CONSUMPTION_COLUMNS
     else:
         table, columns = "rollup_cumulative", _STATS_COLUMNS + _CONSUMPTION_COLUMNS[3:]
@@ -413,23 +425,29 @@ def rollup_days(
     """Rewrite the daily buckets of ``days`` from the hourly ones, then clear the dirty marks of
     those days that the hourly rollup covered and nothing re-marked since.
 
-    With ``only_marked`` (the daily step of a late-data run; PostgreSQL mode) only the
-    series-days marked stale by ``rollup_hours(mark_changes=True)`` are re-summed, and their
-    marks removed; otherwise every series of the days is, and the days' marks are cleared."""
+    With ``only_marked`` (the daily step of a late-data run) only the series-days marked stale
+    by ``rollup_hours(mark_changes=True)`` are re-summed, and their marks removed; otherwise
+    every series of the days is, and the days' marks are cleared. In TimescaleDB mode whole days
+    come from the daily aggregate, built on the hourly one: both are refreshed for the days first
+    (TimescaleDB recomputes only their invalidated hours and days, such as those a late-data run
+    of the dirty devices left); a few marked series-days are re-summed from their hourly rows, as
+    in PostgreSQL mode, without a refresh."""
     params = {"start": days.start, "end": days.end}
     timescale = storage_for(conn).mode == "timescale"
-    if timescale:
-        refresh_aggregate(conn, "iiot_aggregates.telemetry_daily_cagg", days)
+    refreshed = timescale and not (only_marked and _stale_series(conn, days) <= MARKED_RESUM_LIMIT)
+    if refreshed:
+        refresh_aggregate(conn, HOURLY_AGGREGATE, days)
+        refresh_aggregate(conn, DAILY_AGGREGATE, days)
     with conn.transaction():
         session_settings(conn, None)
         series = 0
-        if only_marked and not timescale:
+        if only_marked:
             conn.execute(
                 "CREATE TEMP TABLE rollup_days_todo (day timestamptz, tenant_id integer,"
                 " device_id integer, metric text) ON COMMIT DROP"
             )
             series = conn.execute(query("rollup_days_take_marks"), params).rowcount
-        if only_marked and not timescale and series <= MARKED_RESUM_LIMIT:
+        if only_marked and (series <= MARKED_RESUM_LIMIT or (timescale and not refreshed)):
             conn.execute(query("rollup_days_todo_hours"))
             conn.execute("ANALYZE rollup_days_todo_hours")  # the planner sees a few rows, not 1,000
             conn.execute(query("rollup_days_delete_marked"))
@@ -454,6 +472,16 @@ def rollup_days(
             params,
         )
     return RollupResult(rows, int(readings), int(source), [days], series)
+
+
+def _stale_series(conn: psycopg.Connection, days: Window) -> int:
+    """How many series-days of ``days`` are marked stale (a late-data run's daily step)."""
+    found = conn.execute(
+        "SELECT count(*) FROM rollup_stale_days WHERE day >= %s AND day < %s",
+        (days.start, days.end),
+    ).fetchone()[0]
+    conn.commit()
+    return found
 
 
 def dirty_hours(conn: psycopg.Connection, settled_before: datetime) -> dict[datetime, list]:

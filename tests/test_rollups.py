@@ -319,8 +319,14 @@ def test_a_sensor_run_rewrites_only_the_devices_marked_dirty(conn, database_url,
     assert hourly_rows(conn, device_id)[("energy_kwh", at(2))] == expected[("energy_kwh", at(2))]
     assert hourly_rows(conn, other[1]) == before_other
     assert conn.execute("SELECT count(*) FROM dirty_window_devices").fetchone()[0] == 0
-    # the same rows as rewriting the whole day (computed_at aside)
     partial = [all_rows(conn, t) for t in ("telemetry_hourly", "telemetry_daily")]
+    # the whole day re-summed alone: in TimescaleDB mode from the daily aggregate, refreshed with
+    # the hourly one for the hour the sensor's run read from the raw readings
+    resummed = materialize(database_url, selection=[telemetry_daily])
+    assert resummed.success
+    assert all(e.passed for e in resummed.get_asset_check_evaluations())
+    assert [r[:-1] for r in all_rows(conn, "telemetry_daily")] == [r[:-1] for r in partial[1]]
+    # the same rows as rewriting the whole day (computed_at aside)
     assert materialize(database_url).success
     whole = [all_rows(conn, t) for t in ("telemetry_hourly", "telemetry_daily")]
     assert [[r[:-1] for r in rows] for rows in partial] == [

@@ -240,7 +240,9 @@ DELETE FROM telemetry_hourly WHERE bucket >= %(start)s AND bucket < %(end)s
    AND (%(devices)s::integer[] IS NULL OR device_id = ANY (%(devices)s))
 
 -- name: rollup_hour_stats_raw
--- PostgreSQL mode, the metrics that are not cumulative (the cumulative ones come whole from
+-- PostgreSQL mode, and a late-data run of the dirty devices in either mode (their readings by
+-- device: cheaper than refreshing a continuous aggregate for every device of the hour), the
+-- metrics that are not cumulative (the cumulative ones come whole from
 -- rollup_cumulative_stats, on the side connection): one hash GROUP BY over the window's raw
 -- readings, buckets by date_bin (plain arithmetic, unlike a time-zone-aware date_trunc); then the
 -- first and last values of each bucket by primary key, one index probe each, which costs less
@@ -294,11 +296,13 @@ SELECT device_id, metric, date_bin('1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00+0
                        AND p.ts < %(start)s - interval '1 day'
                      ORDER BY p.ts DESC LIMIT 1)) AS step
           FROM telemetry r
-         WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)) steps
+         WHERE r.ts >= %(start)s AND r.ts < %(end)s AND r.metric = ANY (%(cumulative)s)
+           AND (%(devices)s::integer[] IS NULL OR r.device_id = ANY (%(devices)s))) steps
  GROUP BY 1, 2, 3
 
 -- name: rollup_cumulative_stats
--- PostgreSQL mode, the cumulative metrics: every statistic of rollup_hour_stats_raw and the
+-- PostgreSQL mode, and a late-data run of the dirty devices in either mode, the cumulative
+-- metrics: every statistic of rollup_hour_stats_raw and the
 -- consumption of rollup_consumption from the one ordered pass the consumption needs anyway (the
 -- first and last readings of a bucket are those whose neighbour in the series lies in another
 -- bucket), so that these series need no probes and the two passes share the work of a window.
@@ -333,7 +337,8 @@ SELECT tenant_id, device_id, metric, bucket,
  GROUP BY 1, 2, 3, 4
 
 -- name: rollup_hours_insert_raw
--- PostgreSQL mode: the other metrics' statistics (rollup_stats) and the cumulative series whole
+-- Statistics from the raw readings (PostgreSQL mode, and the dirty devices of a late-data run):
+-- the other metrics' statistics (rollup_stats) and the cumulative series whole
 -- (rollup_cumulative, copied from rollup_cumulative_stats' rows).
 INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
                               value_min, value_max, value_avg, first_ts, first_value, last_ts,
@@ -349,8 +354,9 @@ SELECT c.tenant_id, c.device_id, c.metric, c.bucket, c.readings, c.value_sum, c.
   FROM rollup_cumulative c
 
 -- name: rollup_hours_insert
--- TimescaleDB mode: the window's statistics (rollup_stats, from rollup_hour_stats_cagg) with the
--- consumption computed beside them (rollup_consumption, copied from rollup_consumption's rows).
+-- TimescaleDB mode, whole hours: the window's statistics (rollup_stats, from
+-- rollup_hour_stats_cagg) with the consumption computed beside them (rollup_consumption, copied
+-- from rollup_consumption's rows).
 INSERT INTO telemetry_hourly (tenant_id, device_id, metric, bucket, readings, value_sum,
                               value_min, value_max, value_avg, first_ts, first_value, last_ts,
                               last_value, consumption, counter_resets)
