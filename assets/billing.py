@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import dagster as dg
 
-from iiot_orchestration import billing, billing_exports
+from iiot_orchestration import alerts, billing, billing_alerts, billing_exports
 from iiot_orchestration.partitions import DAYS, TENANT_DAYS, TENANT_MONTHS, tenant_key
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
@@ -25,6 +25,12 @@ BILLING_ASSET = {
         fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
     ),
 }
+
+
+def _send_quota_notices(conn, tenant_ids) -> int:
+    """Quota notices of these tenants not delivered yet, through the alert notifier."""
+    notifier = alerts.Notifier.from_settings(load_settings())
+    return len(billing_alerts.send_quota_notices(conn, notifier, tenant_ids))
 
 
 def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]:
@@ -51,6 +57,7 @@ def billing_daily_usage(
             [usage] = billing.record_usage(conn, who, [day])
         except billing.BillingError as exc:
             raise dg.Failure(str(exc)) from exc
+        notices = _send_quota_notices(conn, [who.tenant_id])
     return dg.MaterializeResult(
         metadata={
             "plan": usage.plan_id,
@@ -63,6 +70,7 @@ def billing_daily_usage(
             "provisioned_devices": usage.provisioned_devices,
             "storage_bytes": usage.storage_bytes,
             "consumption": dg.MetadataValue.json(usage.consumption),
+            "quota_notices_sent": notices,
         }
     )
 
@@ -141,6 +149,7 @@ def billing_invoice(
         billed, raw = billing.reconcile(
             conn, who, outcome.invoice.period, billing.local_today(conn, who)
         )
+        _send_quota_notices(conn, [who.tenant_id])
     invoice = outcome.invoice
     files = billing_exports.export(load_settings().reports_root, who, invoice)
     context.log.info(f"invoice {label:%Y-%m} of {slug}: {outcome.action}, total {invoice.total}")
@@ -221,6 +230,7 @@ def billing_nightly(
         tenants = billing.tenants(conn, config.tenants or None, timezones=config.timezones or None)
         night = billing.bill_night(conn, tenants, day, actor=actor)
         reconciled = billing.reconcile_many(conn, [(t, day, day) for t in night.usage])
+        notices = _send_quota_notices(conn, night.usage)
         ids = [o.invoice_id for o in night.billing.outcomes]
         mismatched = conn.execute(
             "SELECT count(*) FROM (SELECT i.invoice_id FROM invoices i"
@@ -271,6 +281,7 @@ def billing_nightly(
             "finalised": actions.count("finalised"),
             "unchanged": actions.count("unchanged"),
             "failed": len(night.billing.failures),
+            "quota_notices_sent": notices,
             "first_failures": ", ".join(
                 f"{who.slug}:{label:%Y-%m}" for who, label, _ in night.billing.failures[:20]
             ),

@@ -48,7 +48,9 @@ EVENT_KINDS = (
     "quota_blocked",
     "quota_warning",
     "late_usage",
+    "quota_notice",
 )
+QUOTA_THRESHOLDS = (80, 100)  # percent of a plan's included devices, messages and storage
 
 
 class BillingError(IiotError):
@@ -125,13 +127,18 @@ class Plan:
     overage_storage_price_per_gib: Decimal | None
     hard_block: bool
     currency: str
+    messages_per_minute_per_device: int
+
+    def included_messages(self, days: int) -> int:
+        """The messages a period of ``days`` includes: every included device at its rate."""
+        return self.included_devices * self.messages_per_minute_per_device * 1440 * days
 
 
 def plans(conn: psycopg.Connection) -> dict[str, Plan]:
     rows = conn.execute(
         "SELECT plan_id, name, included_devices, storage_bytes, monthly_price,"
         " overage_device_price, overage_price_per_1k_messages, overage_storage_price_per_gib,"
-        " hard_block, currency FROM plans"
+        " hard_block, currency, messages_per_minute_per_device FROM plans"
     ).fetchall()
     return {row[0]: Plan(*row) for row in rows}
 
@@ -782,11 +789,9 @@ def record_usage_many(
             done.setdefault(tenant_id, []).append(day_usage)
         save_usage(conn, ((t, u) for t, days in done.items() for u in days))
         latest = _latest_days(conn, list(done))
-        enforce_storage_quotas(
-            conn,
-            [(by_id[t], days[-1]) for t, days in done.items() if days[-1].day == latest[t]],
-            actor=actor,
-        )
+        newest = [(by_id[t], days[-1]) for t, days in done.items() if days[-1].day == latest[t]]
+        enforce_storage_quotas(conn, newest, actor=actor)
+        quota_notices(conn, newest, actor=actor)
     return done
 
 
@@ -870,6 +875,98 @@ def enforce_storage_quotas(
         )
         changes[who.tenant_id] = over
     return changes
+
+
+def downgrade_excess(conn: psycopg.Connection, who: Tenant, plan_id: str) -> list[str]:
+    """What the tenant uses now beyond a plan that blocks (starter, pro): its devices and the
+    storage of its latest day, with the numbers; empty when the plan fits or bills overage."""
+    plan = plans(conn)[plan_id]
+    if not plan.hard_block:
+        return []
+    devices, day, storage = conn.execute(
+        "SELECT (SELECT count(*) FROM devices WHERE tenant_id = %(t)s"
+        "          AND status <> 'decommissioned'),"
+        "       u.day, coalesce(u.storage_bytes, 0)"
+        "  FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT day, storage_bytes"
+        "    FROM billing_daily_usage WHERE tenant_id = %(t)s ORDER BY day DESC LIMIT 1) u ON true",
+        {"t": who.tenant_id},
+    ).fetchone()
+    excess = []
+    if devices > plan.included_devices:
+        excess.append(f"{devices:,} devices, {plan_id} includes {plan.included_devices:,}")
+    if storage > plan.storage_bytes:
+        excess.append(
+            f"{Decimal(storage) / GIB:,.2f} GiB stored on {day}, {plan_id} includes "
+            f"{Decimal(plan.storage_bytes) / GIB:,.2f} GiB"
+        )
+    return excess
+
+
+_PERIOD_MESSAGES = """
+SELECT w.tenant_id, (SELECT coalesce(sum(u.messages), 0)::bigint FROM billing_daily_usage u
+                      WHERE u.tenant_id = w.tenant_id AND u.day >= w.first AND u.day <= w.last)
+  FROM unnest(%s::integer[], %s::date[], %s::date[]) AS w (tenant_id, first, last)
+"""
+
+_SAVE_NOTICES = """
+INSERT INTO billing_events (tenant_id, period, kind, actor, detail)
+SELECT w.tenant_id, w.period, 'quota_notice', %s, w.detail
+  FROM unnest(%s::integer[], %s::date[], %s::jsonb[]) AS w (tenant_id, period, detail)
+ON CONFLICT (tenant_id, period, (detail ->> 'quota'), (detail ->> 'threshold'))
+   WHERE kind = 'quota_notice' DO NOTHING
+RETURNING tenant_id, period, detail
+"""
+
+
+@dataclass(frozen=True)
+class QuotaNotice:
+    tenant_id: int
+    period: date
+    detail: dict[str, Any]
+
+
+def quota_notices(
+    conn: psycopg.Connection, latest: list[tuple[Tenant, DailyUsage]], *, actor: str
+) -> list[QuotaNotice]:
+    """Each tenant's usage on its latest day against its plan's included devices, messages
+    (the period to date against the period's allowance) and storage: a ``quota_notice`` event
+    at 80 % and at 100 %, once per period, quota and threshold. Returns the notices new now
+    (``billing_alerts.send_quota_notices`` sends them)."""
+    if not latest:
+        return []
+    catalog = plans(conn)
+    periods = {who.tenant_id: period_containing(u.day, who.cycle_day) for who, u in latest}
+    messages = dict(
+        conn.execute(
+            _PERIOD_MESSAGES,
+            _columns(
+                [(who.tenant_id, periods[who.tenant_id].start, u.day) for who, u in latest], 3
+            ),
+        ).fetchall()
+    )
+    rows = []
+    for who, usage in latest:
+        plan, period = catalog[usage.plan_id], periods[who.tenant_id]
+        for quota, used, included in (
+            ("devices", usage.provisioned_devices, plan.included_devices),
+            ("messages", messages[who.tenant_id], plan.included_messages(period.days)),
+            ("storage", usage.storage_bytes, plan.storage_bytes),
+        ):
+            for threshold in QUOTA_THRESHOLDS:
+                if included and used * 100 >= included * threshold:
+                    detail = {
+                        "quota": quota,
+                        "threshold": threshold,
+                        "used": used,
+                        "included": included,
+                        "percent": round(used * 100 / included, 1),
+                        "plan": plan.plan_id,
+                        "day": usage.day.isoformat(),
+                    }
+                    rows.append((who.tenant_id, period.label, Jsonb(detail)))
+    if not rows:
+        return []
+    return [QuotaNotice(*row) for row in conn.execute(_SAVE_NOTICES, [actor, *_columns(rows, 3)])]
 
 
 def event(

@@ -215,9 +215,12 @@ def _json_inline(detail: dict) -> str:
 @click.argument("slug")
 @click.argument("plan")
 @click.option("--actor", default="cli", show_default=True, help="Who changes the plan.")
+@click.option("--force", is_flag=True, help="Move to a plan smaller than the tenant's usage.")
 @friendly_errors
-def set_plan_command(slug: str, plan: str, actor: str) -> None:
-    """Move a tenant to another plan now; billing prorates the period by day (docs/billing.md)."""
+def set_plan_command(slug: str, plan: str, actor: str, force: bool) -> None:
+    """Move a tenant to another plan now; billing prorates the period by day (docs/billing.md).
+    A plan that blocks (starter, pro) smaller than the tenant's devices or storage is refused
+    unless --force."""
     with connect(_settings().require_database_url()) as conn:
         catalog = billing.plans(conn)
         if plan not in catalog:
@@ -228,9 +231,17 @@ def set_plan_command(slug: str, plan: str, actor: str) -> None:
         if who.plan_id == plan:
             click.echo(f"{slug} is already on {plan}; nothing changed")
             return
+        excess = billing.downgrade_excess(conn, who, plan)
+        if excess and not force:
+            raise IiotError(
+                f"{slug} uses more than {plan} includes ({'; '.join(excess)}): on {plan} it "
+                "could add no device until under the quota; --force changes the plan anyway"
+            )
         with conn.transaction():
             set_actor(conn, actor)
             conn.execute(
                 "UPDATE tenants SET plan_id = %s WHERE tenant_id = %s", (plan, who.tenant_id)
             )
     click.echo(f"{slug}: {who.plan_id} -> {plan}; today and later days bill {plan}")
+    if excess:
+        click.echo(f"over {plan}'s quotas, forced: {'; '.join(excess)}")

@@ -472,7 +472,15 @@ def test_the_bulk_night_writes_exactly_what_the_per_tenant_path_writes(conn):
     assert [e[5]["state"] for e in sp[3] if e[1] == "quota_warning"] == ["blocked"]
     assert sp[4] == (True,)
     kinds = {e[1] for a in single for e in snapshot(conn, a.tenant_id)[3]}
-    assert kinds == {"quota_warning", "draft_computed", "invoice_finalised", "adjustment_added"}
+    assert kinds == {
+        "quota_warning",
+        "quota_notice",
+        "draft_computed",
+        "invoice_finalised",
+        "adjustment_added",
+    }
+    notices = {(e[5]["quota"], e[5]["threshold"]) for e in sp[3] if e[1] == "quota_notice"}
+    assert notices == {("storage", 80), ("storage", 100)}  # the starter over its 1 GiB
 
 
 def test_bill_night_bills_every_tenant_of_the_night_as_the_assets_would(conn):

@@ -2,6 +2,7 @@
 neither lost nor rewritten, versioned prices, quota notices. Each case is worked out by hand in
 its comment, to the cent, against a real PostgreSQL."""
 
+import json
 from datetime import date, timedelta
 from decimal import Decimal
 
@@ -9,11 +10,11 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from iiot_orchestration import billing, registry
+from iiot_orchestration import alerts, billing, billing_alerts, registry
 from iiot_orchestration.billing import BillingError
 from iiot_orchestration.cli import main
 from iiot_orchestration.storage import storage_for
-from tests.test_billing import START, lines, make_tenant, utc
+from tests.test_billing import GIB, START, lines, make_tenant, usage_rows, utc
 
 OCT = date(2026, 10, 1)
 SEP = date(2026, 9, 1)
@@ -508,3 +509,100 @@ def test_reconciliation_assigns_readings_to_days_as_billing_does(conn, timezone,
     assert billing.reconcile_many(
         conn, [(who.tenant_id, date(2026, 10, 10), date(2026, 10, 10))]
     ) == {who.tenant_id: expected}
+
+
+# Starter includes 10 devices, 1 GiB (1,073,741,824 bytes) and, at 6 messages a minute per
+# included device over a 31-day period, 10 x 6 x 1440 x 31 = 2,678,400 messages. Four days of
+# 535,680 messages = 2,142,720 = 80 % of them; 8 devices = 80 %; 858,993,460 bytes = 80.0 % of
+# 1 GiB (80 % is 858,993,459.2). The fifth day: 2,678,400 messages, 10 devices, 1 GiB, all 100 %.
+# The sixth day adds nothing: once per threshold and period. Sao Paulo (cycle day 1, Oct 1 to 31)
+# and Tokyo (cycle day 15, Oct 15 to Nov 14) both have 31-day periods.
+@pytest.mark.parametrize(("timezone", "cycle_day"), [("America/Sao_Paulo", 1), ("Asia/Tokyo", 15)])
+def test_quota_notices_at_80_and_100_percent_once_per_period(conn, timezone, cycle_day):
+    who = make_tenant(conn, "small", [("starter", START)], timezone=timezone, cycle_day=cycle_day)
+    first = date(2026, 10, cycle_day)
+    days = [first + timedelta(days=n) for n in range(6)]
+    usage_rows(conn, who, days, messages=535_680)
+
+    def notices(day, devices, storage):
+        [usage] = billing.load_daily_usage(conn, who, [day])
+        usage.provisioned_devices, usage.storage_bytes = devices, storage
+        return {
+            (n.detail["quota"], n.detail["threshold"], n.detail["percent"])
+            for n in billing.quota_notices(conn, [(who, usage)], actor="test")
+        }
+
+    assert notices(days[3], 8, 858_993_460) == {
+        ("devices", 80, 80.0),
+        ("messages", 80, 80.0),
+        ("storage", 80, 80.0),
+    }
+    assert notices(days[4], 10, GIB) == {
+        ("devices", 100, 100.0),
+        ("messages", 100, 100.0),
+        ("storage", 100, 100.0),
+    }
+    assert notices(days[5], 10, GIB) == set()
+    trail = [e for e in billing.events(conn, who) if e["kind"] == "quota_notice"]
+    assert len(trail) == 6
+    assert {e["period"] for e in trail} == {OCT}
+
+    posted = []
+    notifier = alerts.Notifier(
+        webhook_url="http://hooks.example/billing",
+        post=lambda url, body, timeout: posted.append(json.loads(body)) or 200,
+    )
+    sent = billing_alerts.send_quota_notices(conn, notifier, [who.tenant_id])
+    assert [(a.severity, a.title) for a in sent][:2] == [
+        (
+            "WARNING",
+            "small: devices at 80.0% of the starter plan's 10 devices (8 devices, period 2026-10)",
+        ),
+        (
+            "WARNING",
+            "small: messages at 80.0% of the starter plan's 2,678,400 messages (2,142,720"
+            " messages, period 2026-10)",
+        ),
+    ]
+    assert sorted(p["key"] for p in posted) == sorted(
+        f"billing:quota:small:2026-10:{q}:{t}"
+        for q in ("devices", "messages", "storage")
+        for t in (80, 100)
+    )
+    assert billing_alerts.send_quota_notices(conn, notifier, [who.tenant_id]) == []
+    assert len(posted) == 6
+
+
+def test_a_downgrade_below_current_usage_is_refused_unless_forced(conn, cli_env, monkeypatch):
+    """1,012 devices onto starter (10 included), and a pro tenant storing 2 GiB on its latest day
+    onto starter (1 GiB): refused with the numbers, nothing changed; --force changes it."""
+    for key in [k for k in cli_env if k.startswith("IIOT_")]:
+        monkeypatch.setenv(key, cli_env[key])
+    big = make_tenant(conn, "big", [("enterprise", START)])
+    conn.execute(
+        "INSERT INTO devices (tenant_id, mac, name, meter_kind)"
+        " SELECT %s, ('02:00:00:01:' || lpad(to_hex(n / 256), 2, '0') || ':'"
+        "             || lpad(to_hex(n %% 256), 2, '0'))::macaddr, 'm', 'energy'"
+        "   FROM generate_series(0, 1011) n",
+        (big.tenant_id,),
+    )
+    mid = make_tenant(conn, "mid", [("pro", START)])
+    usage_rows(conn, mid, [date(2026, 10, 10)], storage_bytes=2 * GIB)
+    for slug, message in (
+        ("big", "big uses more than starter includes (1,012 devices, starter includes 10)"),
+        (
+            "mid",
+            "mid uses more than starter includes (2.00 GiB stored on 2026-10-10, starter"
+            " includes 1.00 GiB)",
+        ),
+    ):
+        result = CliRunner().invoke(main, ["tenants", "set-plan", slug, "starter"])
+        assert result.exit_code == 1
+        assert message in result.output
+        assert "--force" in result.output
+    plans = dict(conn.execute("SELECT slug, plan_id FROM tenants").fetchall())
+    assert plans == {"big": "enterprise", "mid": "pro"}
+    forced = CliRunner().invoke(main, ["tenants", "set-plan", "big", "starter", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "over starter's quotas, forced: 1,012 devices, starter includes 10" in forced.output
+    assert billing.tenant(conn, "big").plan_id == "starter"
