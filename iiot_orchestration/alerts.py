@@ -163,27 +163,30 @@ class Notifier:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
         return self.attempts, error
 
+    def deliver(self, alert: Alert) -> list[Delivery]:
+        """Send to every configured channel (the log when none is), with retries but without
+        deduplication or a record: ``notify`` adds both, this alone serves when the database is
+        what is down."""
+        deliveries = []
+        if self.webhook_url:
+            attempts, error = self._send(self.webhook_url, alert.payload())
+            deliveries.append(Delivery("webhook", "failed" if error else "sent", attempts, error))
+        if self.telegram:
+            token, chat = self.telegram
+            url = f"{self.telegram_api_url}/bot{token}/sendMessage"
+            body = {"chat_id": chat, "text": alert.telegram_text()}
+            attempts, error = self._send(url, body)
+            deliveries.append(Delivery("telegram", "failed" if error else "sent", attempts, error))
+        if not deliveries:
+            log.warning("alert [%s] %s %s", alert.severity, alert.title, alert.detail)
+            deliveries.append(Delivery("log", "sent", 1))
+        return deliveries
+
     def notify(self, conn: psycopg.Connection, alert: Alert) -> list[Delivery]:
         if self._recently_sent(conn, alert):
             deliveries = [Delivery("log", "suppressed", 0)]
         else:
-            deliveries = []
-            if self.webhook_url:
-                attempts, error = self._send(self.webhook_url, alert.payload())
-                deliveries.append(
-                    Delivery("webhook", "failed" if error else "sent", attempts, error)
-                )
-            if self.telegram:
-                token, chat = self.telegram
-                url = f"{self.telegram_api_url}/bot{token}/sendMessage"
-                body = {"chat_id": chat, "text": alert.telegram_text()}
-                attempts, error = self._send(url, body)
-                deliveries.append(
-                    Delivery("telegram", "failed" if error else "sent", attempts, error)
-                )
-            if not deliveries:
-                log.warning("alert [%s] %s %s", alert.severity, alert.title, alert.detail)
-                deliveries.append(Delivery("log", "sent", 1))
+            deliveries = self.deliver(alert)
         for d in deliveries:
             conn.execute(
                 "INSERT INTO alert_deliveries (alert_key, channel, status, attempts, error,"

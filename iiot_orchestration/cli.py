@@ -671,6 +671,7 @@ def dev_command(no_dagster: bool) -> None:
 
 
 # command groups defined in their own modules, which import the helpers above
+from iiot_orchestration.cli_alert_webhook import alert_webhook_command  # noqa: E402
 from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command  # noqa: E402
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
@@ -685,6 +686,7 @@ from iiot_orchestration.cli_tenant_logins import logins_group  # noqa: E402
 main.add_command(billing_group)
 main.add_command(alerts_group)
 main.add_command(dagster_metrics_command)
+main.add_command(alert_webhook_command)
 tenants.add_command(set_plan_command)
 main.add_command(report_command)
 main.add_command(backup_group)
