@@ -529,6 +529,35 @@ def _wait_for_ingest(
         stop.wait(0.2)
 
 
+def _prepare_dagster_storage(
+    bin_dir: Path, env: dict[str, str], root: Path, log_dir: Path, stop: threading.Event
+) -> None:
+    """Create (or upgrade) Dagster's storage in one process before the webserver and the daemon
+    start. Left to them, both create the tables at once on a new database; the loser logs
+    "Retrying failed database creation" through the root logger, which installs a handler there
+    (``logging.basicConfig``), and from then on that process writes every log line twice."""
+    log_path = log_dir / "dagster-storage.log"
+    migrate_args = [str(bin_dir / "dagster"), "instance", "migrate"]
+    process = _spawn("dagster-storage", migrate_args, env, root, log_dir)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while process.poll() is None:
+        if stop.is_set() or time.monotonic() > deadline:
+            _signal_group(process, signal.SIGTERM)
+            process.wait()
+            if stop.is_set():
+                return
+            raise ServiceError(
+                f"Dagster's storage was not ready within {STARTUP_TIMEOUT_S} s; see {log_path}"
+            )
+        stop.wait(0.2)
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise ServiceError(
+            f"`dagster instance migrate` exited with code {process.returncode}; see {log_path}:\n"
+            + "\n".join(tail)
+        )
+
+
 def _start_dagster(
     settings: Settings,
     stack: DevStack,
@@ -545,6 +574,9 @@ def _start_dagster(
     bin_dir = Path(sys.executable).parent
     host, port = settings.dagster_host, settings.dagster_port
     workspace = str(root / "workspace.yaml")
+    _prepare_dagster_storage(bin_dir, env, root, log_dir, stop)
+    if stop.is_set():
+        return
     echo("Starting the Dagster webserver and daemon...")
     stack.processes["dagster-webserver"] = _spawn(
         "dagster-webserver",

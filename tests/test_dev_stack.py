@@ -24,7 +24,13 @@ from iiot_orchestration.dev import (
     _wait_for_webserver,
     code_locations,
 )
-from iiot_orchestration.services import ServiceError, free_port, port_open, start_mosquitto
+from iiot_orchestration.services import (
+    ServiceError,
+    ensure_database,
+    free_port,
+    port_open,
+    start_mosquitto,
+)
 from iiot_orchestration.settings import dagster_url_for
 from tests.conftest import REPO_ROOT, drop_database
 
@@ -303,13 +309,41 @@ def dagster_database(database_url, pg_server):
     drop_database(pg_server, name)
 
 
+def hold_dagster_table_creation(dagster_url: str, process: subprocess.Popen) -> int:
+    """Make Dagster's first start race itself: an uncommitted `runs` table in Dagster's empty
+    database holds every process that creates the storage (each one sees no table, creates
+    them, and waits on this transaction) until two wait or one has waited 20 s; then roll back.
+    Returns how many waited."""
+    with psycopg.connect(dagster_url) as conn:
+        conn.execute("CREATE TABLE runs (id int)")
+        waiting_query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        )
+        first, waiting = None, 0
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with psycopg.connect(dagster_url, autocommit=True) as watcher:
+            while time.monotonic() < deadline and process.poll() is None:
+                waiting = watcher.execute(waiting_query).fetchone()[0]
+                first = first or (time.monotonic() if waiting else None)
+                if waiting >= 2 or (first and time.monotonic() > first + 20):
+                    break
+                time.sleep(0.2)
+        conn.rollback()
+    return waiting
+
+
 @pytest.mark.stack
-def test_another_shell_reaches_the_stack_through_its_env_file(
+def test_iiot_dev_creates_dagster_storage_once_and_shares_its_environment(
     tmp_path, database_url, dagster_database
 ):
-    """`iiot dev` writes its whole environment to <IIOT_DATA_DIR>/dev.env (mode 0600): sourced
-    by a shell it gives DAGSTER_HOME and every IIOT_* variable of the stack, and `iiot dagster`
-    runs the Dagster CLI with it, from any directory, at the first attempt."""
+    """On a new Dagster database the storage is created by one process before the webserver
+    and the daemon start (made to race, they both created it: one retried, logging through the
+    root logger, and wrote every later line twice); every Dagster log line is written once.
+
+    `iiot dev` then writes its whole environment to <IIOT_DATA_DIR>/dev.env (mode 0600):
+    sourced by a shell it gives DAGSTER_HOME and every IIOT_* variable of the stack, and `iiot
+    dagster` runs the Dagster CLI with it, from any directory, at the first attempt."""
     data_dir = tmp_path / "var"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
@@ -318,8 +352,11 @@ def test_another_shell_reaches_the_stack_through_its_env_file(
     )
     other_shell = {k: v for k, v in env.items() if k not in ("IIOT_DATABASE_URL",)}
     env_file = data_dir / "dev.env"
+    dagster_url = dagster_url_for(database_url)
+    ensure_database(dagster_url, dagster_database)
     process, lines, seen = start_dev(env)
     try:
+        assert hold_dagster_table_creation(dagster_url, process) == 1
         assert wait_for(lines, seen, "Ready. Press Ctrl-C to stop.", START_TIMEOUT_S), seen
         output = "\n".join(seen)
         assert f"The stack's environment is in {env_file}" in output, output
@@ -372,6 +409,15 @@ def test_another_shell_reaches_the_stack_through_its_env_file(
     assert stopped.returncode == 1
     assert "no `iiot dev` stack is running" in stopped.stderr
     assert str(env_file) in stopped.stderr
+
+    logs = data_dir / "logs"
+    for name in ("dagster-storage", "dagster-webserver", "dagster-daemon"):
+        text = (logs / f"{name}.log").read_text()
+        assert "Retrying failed database creation" not in text, name
+        # the format of a handler on the root logger, had anything installed one
+        assert not re.search(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):", text, re.M), text
+    daemon_log = (logs / "dagster-daemon.log").read_text()
+    assert daemon_log.count("Instance is configured with the following daemons") == 1
 
 
 def test_iiot_dagster_refuses_an_env_file_whose_stack_is_gone(tmp_path):
