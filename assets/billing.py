@@ -88,15 +88,15 @@ with warnings.catch_warnings():
 
 def _lines_markdown(invoice: billing.Invoice) -> str:
     rows = [
-        "| # | kind | description | quantity | unit price | amount |",
-        "|---|---|---|---|---|---|",
+        "| # | kind | description | quantity | unit price | fraction | amount |",
+        "|---|---|---|---|---|---|---|",
     ]
     rows += [
         f"| {n} | {x.kind} | {x.description} | {x.quantity.normalize():f} {x.unit} | "
-        f"{x.unit_price} | {x.amount} |"
+        f"{x.unit_price} | {x.fraction} | {x.amount} |"
         for n, x in enumerate(invoice.lines, start=1)
     ]
-    rows.append(f"| | | **total** | | | **{invoice.total} {invoice.currency}** |")
+    rows.append(f"| | | **total** | | | | **{invoice.total} {invoice.currency}** |")
     return "\n".join(rows)
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -993,6 +994,10 @@ def event(
 
 @dataclass(frozen=True)
 class Line:
+    """An invoice line: ``quantity x unit_price x fraction``, rounded half up to the cent, is
+    ``amount`` (the fraction prorates a monthly price by the days of the period, or turns a price
+    per 1,000 messages into one per message; it is not stored)."""
+
     kind: str
     description: str
     quantity: Decimal
@@ -1000,6 +1005,7 @@ class Line:
     unit_price: Decimal
     amount: Decimal
     reason: str | None = None
+    fraction: Fraction = Fraction(1)
 
 
 @dataclass(frozen=True)
@@ -1047,6 +1053,7 @@ def invoice_lines(
     periods billed on it: pure arithmetic, no database. ``price_of(plan_id, day)`` gives a
     plan at the prices of a day (default: the catalog's prices for every day)."""
     days_in_period = Decimal(period.days)
+    per_day, per_message = Fraction(1, period.days), Fraction(1, 1000)
     lines: list[Line] = []
     segments = _segments(usage, price_of or (lambda plan_id, _: catalog[plan_id]))
     for plan, days in segments:
@@ -1059,6 +1066,7 @@ def invoice_lines(
                 "days",
                 plan.monthly_price,
                 money(plan.monthly_price * len(days) / days_in_period),
+                fraction=per_day,
             )
         )
     for plan, days in segments:
@@ -1075,6 +1083,7 @@ def invoice_lines(
                     "device-days",
                     plan.overage_device_price,
                     money(plan.overage_device_price * device_days / days_in_period),
+                    fraction=per_day,
                 )
             )
         messages = sum(d.overage_messages for d in days)
@@ -1087,6 +1096,7 @@ def invoice_lines(
                     "messages",
                     plan.overage_price_per_1k_messages,
                     money(plan.overage_price_per_1k_messages * messages / THOUSAND),
+                    fraction=per_message,
                 )
             )
         gib_days = sum(
@@ -1094,14 +1104,16 @@ def invoice_lines(
             Decimal(0),
         )
         if gib_days:
+            shown = _quantity(gib_days)  # the amount from the quantity on the invoice's face
             lines.append(
                 Line(
                     "overage_storage",
                     f"Storage over the {Decimal(plan.storage_bytes) / GIB:.0f} GiB quota, {span}",
-                    _quantity(gib_days),
+                    shown,
                     "GiB-days",
                     plan.overage_storage_price_per_gib,
-                    money(plan.overage_storage_price_per_gib * gib_days / days_in_period),
+                    money(plan.overage_storage_price_per_gib * shown / days_in_period),
+                    fraction=per_day,
                 )
             )
     for amount, reason in adjustments:
@@ -1122,6 +1134,7 @@ def invoice_lines(
                 x.unit_price,
                 x.amount,
                 f"received after the final invoice {x.source_period:%Y-%m} was computed",
+                per_message,
             )
         )
     return lines

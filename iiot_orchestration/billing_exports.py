@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -41,6 +41,14 @@ def _title(who: Tenant, invoice: Invoice) -> str:
     return f"{status} {invoice.period.label:%Y-%m}: {who.slug}"
 
 
+def _period_text(invoice: Invoice) -> str:
+    period = invoice.period
+    return (
+        f"period {period.start:%Y-%m-%d} to {period.end:%Y-%m-%d} (end exclusive: the last day "
+        f"is {period.end - timedelta(days=1):%Y-%m-%d}), {period.days} days"
+    )
+
+
 def _generated(who: Tenant) -> str:
     return datetime.now(ZoneInfo(who.timezone)).strftime(f"%Y-%m-%d %H:%M ({who.timezone})")
 
@@ -53,8 +61,17 @@ def write_pdf(path: Path, who: Tenant, invoice: Invoice) -> Path:
     from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
     styles = getSampleStyleSheet()
-    period = invoice.period
-    rows = [["#", "Description", "Quantity", "Unit", "Unit price", f"Amount ({invoice.currency})"]]
+    rows = [
+        [
+            "#",
+            "Description",
+            "Quantity",
+            "Unit",
+            "Unit price",
+            "Fraction",
+            f"Amount ({invoice.currency})",
+        ]
+    ]
     for n, line in enumerate(invoice.lines, start=1):
         description = line.description + (f" - {line.reason}" if line.reason else "")
         rows.append(
@@ -64,12 +81,15 @@ def write_pdf(path: Path, who: Tenant, invoice: Invoice) -> Path:
                 f"{line.quantity.normalize():f}",
                 line.unit,
                 f"{line.unit_price:,.4f}",
+                str(line.fraction),
                 f"{line.amount:,.2f}",
             ]
         )
-    rows.append(["", "Total", "", "", "", f"{invoice.total:,.2f}"])
+    rows.append(["", "Total", "", "", "", "", f"{invoice.total:,.2f}"])
     table = Table(
-        rows, colWidths=[8 * mm, 78 * mm, 22 * mm, 20 * mm, 22 * mm, 28 * mm], repeatRows=1
+        rows,
+        colWidths=[8 * mm, 64 * mm, 22 * mm, 20 * mm, 22 * mm, 14 * mm, 28 * mm],
+        repeatRows=1,
     )
     table.setStyle(
         TableStyle(
@@ -99,11 +119,10 @@ def write_pdf(path: Path, who: Tenant, invoice: Invoice) -> Path:
             [
                 Paragraph(_title(who, invoice), styles["Title"]),
                 Paragraph(
-                    f"Tenant <b>{who.slug}</b>; period {period.start:%Y-%m-%d} to "
-                    f"{period.end:%Y-%m-%d} (exclusive), {period.days} days, "
-                    f"{invoice.days_billed} billed; status <b>{invoice.status}</b>. Amounts in "
-                    f"{invoice.currency}, each line rounded half up to the cent; taxes not "
-                    "included.",
+                    f"Tenant <b>{who.slug}</b>; {_period_text(invoice)}, {invoice.days_billed} "
+                    f"billed; status <b>{invoice.status}</b>. Amounts in {invoice.currency}: "
+                    "quantity x unit price x fraction, each line rounded half up to the cent; "
+                    "taxes not included.",
                     styles["BodyText"],
                 ),
                 Spacer(1, 6 * mm),
@@ -127,11 +146,26 @@ def write_xlsx(path: Path, who: Tenant, invoice: Invoice) -> Path:
         sheet.append([_title(who, invoice)])
         sheet["A1"].font = Font(bold=True, size=14)
         sheet.append(
-            ["Period", f"{invoice.period.start:%Y-%m-%d}", f"{invoice.period.end:%Y-%m-%d}"]
+            [
+                "Period",
+                f"{invoice.period.start:%Y-%m-%d}",
+                f"{invoice.period.end:%Y-%m-%d} (exclusive)",
+                _period_text(invoice),
+            ]
         )
         sheet.append(["Status", invoice.status, f"Generated {_generated(who)}"])
         sheet.append([])
-        header = ["#", "Kind", "Description", "Quantity", "Unit", "Unit price", "Amount", "Reason"]
+        header = [
+            "#",
+            "Kind",
+            "Description",
+            "Quantity",
+            "Unit",
+            "Unit price",
+            "Fraction",
+            "Amount",
+            "Reason",
+        ]
         sheet.append(header)
         for cell in sheet[5]:
             cell.font = Font(bold=True)
@@ -144,18 +178,19 @@ def write_xlsx(path: Path, who: Tenant, invoice: Invoice) -> Path:
                     line.quantity,
                     line.unit,
                     line.unit_price,
+                    str(line.fraction),
                     line.amount,
                     line.reason,
                 ]
             )
             sheet.cell(sheet.max_row, 6).number_format = "#,##0.0000"
-            sheet.cell(sheet.max_row, 7).number_format = MONEY_FORMAT
-        sheet.append(["", "total", "Total", None, None, None, invoice.total, None])
-        sheet.cell(sheet.max_row, 7).number_format = MONEY_FORMAT
-        sheet.cell(sheet.max_row, 7).font = Font(bold=True)
+            sheet.cell(sheet.max_row, 8).number_format = MONEY_FORMAT
+        sheet.append(["", "total", "Total", None, None, None, None, invoice.total, None])
+        sheet.cell(sheet.max_row, 8).number_format = MONEY_FORMAT
+        sheet.cell(sheet.max_row, 8).font = Font(bold=True)
         sheet.freeze_panes = "A6"
-        sheet.auto_filter.ref = f"A5:H{sheet.max_row - 1}"
-        for column, width in zip("ABCDEFGH", (5, 18, 60, 14, 12, 14, 14, 40), strict=True):
+        sheet.auto_filter.ref = f"A5:I{sheet.max_row - 1}"
+        for column, width in zip("ABCDEFGHI", (5, 18, 60, 14, 12, 14, 10, 14, 40), strict=True):
             sheet.column_dimensions[column].width = width
         book.save(target)
 

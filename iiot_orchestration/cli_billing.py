@@ -9,7 +9,7 @@ from decimal import Decimal, InvalidOperation
 import click
 
 from iiot_orchestration import billing, billing_exports
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect, set_actor
 from iiot_orchestration.errors import IiotError
 
@@ -20,7 +20,7 @@ def _period(text: str) -> object:
     return billing.parse_period(text)
 
 
-@click.group("billing")
+@click.group("billing", cls=HelpGroup)
 def billing_group() -> None:
     """Invoices, adjustments and the billing event trail."""
 
@@ -70,7 +70,7 @@ def invoice_command(tenant: str, period: str, export: bool, as_json: bool) -> No
     )
     click.echo(
         _table(
-            ["#", "kind", "description", "quantity", "unit price", "amount"],
+            ["#", "kind", "description", "quantity", "unit price", "fraction", "amount"],
             [
                 [
                     n,
@@ -78,6 +78,7 @@ def invoice_command(tenant: str, period: str, export: bool, as_json: bool) -> No
                     x.description + (f" ({x.reason})" if x.reason else ""),
                     f"{x.quantity.normalize():f} {x.unit}".strip(),
                     x.unit_price,
+                    x.fraction,
                     x.amount,
                 ]
                 for n, x in enumerate(invoice.lines, start=1)

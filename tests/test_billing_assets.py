@@ -117,7 +117,7 @@ def test_the_invoice_asset_finalises_a_closed_month_with_files_and_checks(
     assert meta["xlsx"].value == str(xlsx)
     sheet = load_workbook(xlsx).active
     totals = [row for row in sheet.iter_rows(values_only=True) if row[2] == "Total"]
-    assert [Decimal(str(row[6])) for row in totals] == [Decimal("4900.00")]
+    assert [Decimal(str(row[7])) for row in totals] == [Decimal("4900.00")]
     assert pdf.read_bytes().startswith(b"%PDF")
     assert not list(reports_root.rglob("*.partial"))
 

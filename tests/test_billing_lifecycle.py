@@ -5,14 +5,17 @@ its comment, to the cent, against a real PostgreSQL."""
 import json
 from datetime import date, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from openpyxl import load_workbook
 
-from iiot_orchestration import alerts, billing, billing_alerts, registry
+from iiot_orchestration import alerts, billing, billing_alerts, billing_exports, registry
 from iiot_orchestration.billing import BillingError
 from iiot_orchestration.cli import main
+from iiot_orchestration.reports.verify import pdf_text
 from iiot_orchestration.storage import storage_for
 from tests.test_billing import GIB, START, lines, make_tenant, usage_rows, utc
 
@@ -606,3 +609,45 @@ def test_a_downgrade_below_current_usage_is_refused_unless_forced(conn, cli_env,
     assert forced.exit_code == 0, forced.output
     assert "over starter's quotas, forced: 1,012 devices, starter includes 10" in forced.output
     assert billing.tenant(conn, "big").plan_id == "starter"
+
+
+# Enterprise with 1,060 devices (60 over the 1,000 included) every day of a 30-day period, and
+# 12,345 messages over the rate on one day:
+# - device-days: 60 x 30 = 1,800 x 4.90 x 1/30 = 294.00 (not 1,800 x 4.90 = 8,820.00);
+# - base: 30 days x 4,900.00 x 1/30 = 4,900.00; messages: 12,345 x 0.05 x 1/1000 = 0.61725
+#   -> 0.62; total 5,194.62.
+# Sao Paulo, cycle day 1: November (Nov 1 to 30); Tokyo, cycle day 15: Nov 15 to Dec 14.
+@pytest.mark.parametrize(("timezone", "cycle_day"), [("America/Sao_Paulo", 1), ("Asia/Tokyo", 15)])
+def test_prorated_lines_state_their_fraction(conn, tmp_path, timezone, cycle_day):
+    who = make_tenant(conn, "acme", [("enterprise", START)], timezone=timezone, cycle_day=cycle_day)
+    nov = date(2026, 11, 1)
+    period = billing.period_of(nov, cycle_day)
+    assert period.days == 30
+    days = period.dates()
+    usage_rows(conn, who, days[:1], provisioned_devices=1060, overage_messages=12_345)
+    usage_rows(conn, who, days[1:], provisioned_devices=1060)
+    invoice = billing.compute_invoice(conn, who, nov, today=period.end)
+    assert [(x.kind, x.quantity, x.unit_price, x.fraction, x.amount) for x in invoice.lines] == [
+        ("base", 30, Decimal("4900.00"), Fraction(1, 30), Decimal("4900.00")),
+        ("overage_devices", 1800, Decimal("4.9000"), Fraction(1, 30), Decimal("294.00")),
+        ("overage_messages", 12345, Decimal("0.0500"), Fraction(1, 1000), Decimal("0.62")),
+    ]
+    for x in invoice.lines:  # on the invoice's face
+        exact = x.quantity * x.unit_price * x.fraction.numerator / x.fraction.denominator
+        assert billing.money(exact) == x.amount
+    assert invoice.total == Decimal("5194.62")
+    files = billing_exports.export(tmp_path, who, invoice)
+    sheet = list(load_workbook(files.xlsx).active.iter_rows(values_only=True))
+    last = f"{period.end - timedelta(days=1)}"
+    assert sheet[1][:3] == ("Period", f"{period.start}", f"{period.end} (exclusive)")
+    assert f"(end exclusive: the last day is {last})" in sheet[1][3]
+    assert sheet[4][5:8] == ("Unit price", "Fraction", "Amount")
+    assert [row[5:8] for row in sheet[5:8]] == [
+        (4900, "1/30", 4900),
+        (4.9, "1/30", 294),
+        (0.05, "1/1000", 0.62),
+    ]
+    text = " ".join(pdf_text(files.pdf).split())
+    assert f"{period.end} (end exclusive: the last day is {last})" in text
+    assert "Fraction" in text
+    assert "1/30" in text
