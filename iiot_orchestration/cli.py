@@ -11,7 +11,7 @@ import psycopg
 from iiot_orchestration import __version__, migrate, registry
 
 # helpers shared with the command modules (cli_billing, ...), which must not import this module
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.logs import configure_logging
@@ -21,7 +21,10 @@ from iiot_orchestration.signals import stop_on_signals
 EXIT_USAGE = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=HelpGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="iiot")
 def main() -> None:
     """IIoT telemetry orchestration: MQTT ingest, PostgreSQL/TimescaleDB storage and Dagster.
@@ -282,15 +285,22 @@ def _report_provisioning(
     results: list[registry.ProvisionResult], *, csv: bool, dry_run: bool
 ) -> None:
     headers = ["line", "mac", "result", "detail"] if csv else ["mac", "result", "detail"]
-    rows = [([r.line] if csv else []) + [r.mac, r.status, r.message] for r in results]
+    shown = {"provisioned": "would provision"} if dry_run else {}
+    rows = [
+        ([r.line] if csv else []) + [r.mac, shown.get(r.status, r.status), r.message]
+        for r in results
+    ]
     click.echo(_table(headers, rows))
     counts = {
         s: sum(r.status == s for r in results) for s in ("provisioned", "skipped", "rejected")
     }
-    prefix = "dry run, nothing registered: " if dry_run else ""
+    if dry_run:
+        provisioned = f"dry run, nothing registered: would provision {counts['provisioned']}"
+    else:
+        provisioned = f"{counts['provisioned']} provisioned"
     click.echo(
-        f"{prefix}{counts['provisioned']} provisioned, {counts['skipped']} skipped "
-        f"(already provisioned), {counts['rejected']} rejected"
+        f"{provisioned}, {counts['skipped']} skipped (already provisioned), "
+        f"{counts['rejected']} rejected"
     )
 
 

@@ -7,11 +7,11 @@ import contextlib
 import click
 
 from iiot_orchestration import alerts
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 
 
-@click.group("alerts")
+@click.group("alerts", cls=HelpGroup)
 def alerts_group() -> None:
     """Alerts and the threshold rules that open them."""
 

@@ -12,7 +12,7 @@ import psycopg
 
 from iiot_orchestration import retention
 from iiot_orchestration.archive import Store, open_store
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
@@ -61,7 +61,7 @@ def _range(first: date | None, last: date | None) -> None:
         raise click.BadParameter(f"--to {last} is before --from {first}", param_hint="--to")
 
 
-@click.group("archive")
+@click.group("archive", cls=HelpGroup)
 def archive_group() -> None:
     """Parquet archives of raw telemetry that fell out of retention (docs/retention.md)."""
 

@@ -11,7 +11,7 @@ import click
 import psycopg
 
 from iiot_orchestration import alerts, backups
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.settings import Settings
@@ -64,7 +64,7 @@ def _drill_row(result: backups.DrillResult) -> dict[str, Any]:
     }
 
 
-@click.group("backup")
+@click.group("backup", cls=HelpGroup)
 def backup_group() -> None:
     """Database backups and restore drills (docs/backups.md)."""
 

@@ -17,6 +17,23 @@ from iiot_orchestration.errors import IiotError
 from iiot_orchestration.settings import Settings, load_settings
 
 
+class HelpGroup(click.Group):
+    """A command group whose help lists each command with the whole first sentence of its
+    docstring (or its short_help), wrapped, where click would cut it at one line with '...'."""
+
+    group_class = type  # groups made with @group.group() list their commands the same way
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=sys.maxsize)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 def _settings() -> Settings:
     state = click.get_current_context().ensure_object(dict)
     if "settings" not in state:

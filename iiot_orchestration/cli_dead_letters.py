@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from iiot_orchestration import dead_letters
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from ingest_daemon.validation import REASONS
 
@@ -111,7 +111,7 @@ def _payload(payload: bytes) -> dict[str, str]:
         return {"payload": base64.b64encode(payload).decode(), "payload_encoding": "base64"}
 
 
-@click.group("dead-letters")
+@click.group("dead-letters", cls=HelpGroup)
 def dead_letters_group() -> None:
     """Refused messages: list them, replay them once the registry knows better."""
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import click
 
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 
 
-@click.group("ingest-sessions")
+@click.group("ingest-sessions", cls=HelpGroup)
 def ingest_sessions_group() -> None:
     """The ingest slots' broker sessions: list them, drain and end a retired slot's."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from iiot_orchestration import ota, pki
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.registry import normalise_mac
 
@@ -23,7 +23,7 @@ def _reload_hint(path: Path) -> str:
     return f"the broker reads {path} when it reloads: kill -HUP $(pidof mosquitto)"
 
 
-@click.group("pki")
+@click.group("pki", cls=HelpGroup)
 def pki_group() -> None:
     """The device CA, the CRL and the broker's TLS configuration."""
 

@@ -15,7 +15,7 @@ import psycopg
 
 from iiot_orchestration import tenant_logins
 from iiot_orchestration.cli_archive import DAY
-from iiot_orchestration.cli_common import _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
 from iiot_orchestration.db import connect
 from iiot_orchestration.tenant_logins import NewPassword, TenantLoginError
 
@@ -60,7 +60,7 @@ def _show_password(new: NewPassword, url: str, as_json: bool, headline: str) -> 
     click.secho(_SHOWN_ONCE_WARNING, fg="yellow", err=True)
 
 
-@click.group("logins")
+@click.group("logins", cls=HelpGroup)
 def logins_group() -> None:
     """Database logins bound to one tenant: they read only its views in schema `tenant`."""
 

@@ -224,10 +224,7 @@ def parse_device_csv(data: bytes) -> CsvParse:
         raise RegistryError(f"CSV file is not UTF-8 (byte {exc.start} is invalid)") from None
     first_line = text.split("\n", 1)[0]
     delimiter = ";" if first_line.count(";") > first_line.count(",") else ","
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
-    except csv.Error as exc:
-        raise RegistryError(f"CSV file is malformed: {exc}") from None
+    rows, lines = _read_csv(text, delimiter)
     if not rows or not any(cell.strip() for cell in rows[0]):
         raise RegistryError(
             "CSV file is empty: expected a header line `mac,meter_kind,name,metrics`"
@@ -244,10 +241,13 @@ def parse_device_csv(data: bytes) -> CsvParse:
         raise RegistryError(f"CSV file has {len(rows) - 1:,} rows; the limit is {MAX_CSV_ROWS:,}")
     result = CsvParse()
     seen: dict[str, int] = {}
-    for line, row in enumerate(rows[1:], start=2):
+    required = max(header.index("mac"), header.index("meter_kind")) + 1
+    for line, row in zip(lines[1:], rows[1:], strict=True):
         if not any(cell.strip() for cell in row):
             continue
         raw_mac = row[header.index("mac")].strip() if len(row) > header.index("mac") else ""
+        if required <= len(row) < len(header):  # optional trailing fields left out: defaults
+            row = row + [""] * (len(header) - len(row))
         if len(row) != len(header):
             result.rejected.append(
                 ProvisionResult(
@@ -287,6 +287,26 @@ def parse_device_csv(data: bytes) -> CsvParse:
         seen[request.mac] = line
         result.requests.append(request)
     return result
+
+
+def _read_csv(text: str, delimiter: str) -> tuple[list[list[str]], list[int]]:
+    """The rows and the line each starts on (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    start = 1
+    try:
+        for row in reader:
+            rows.append(row)
+            lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if str(exc) == "unexpected end of data":  # the rest of the file went into one field
+            raise RegistryError(
+                f"CSV file is malformed on line {start}: a quote in this row is never closed"
+            ) from None
+        raise RegistryError(f"CSV file is malformed on line {reader.line_num}: {exc}") from None
+    return rows, lines
 
 
 def validate_request(request: DeviceRequest) -> DeviceRequest:

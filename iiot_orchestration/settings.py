@@ -260,7 +260,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "IIOT_TOPIC_PREFIX",
         "iiot",
-        "topic segments such as iiot or acme/site1",
+        "topic segments of letters, digits, '_', '.' and '-' joined by '/', such as iiot or "
+        "acme/site1",
         "Prefix of every topic: `<prefix>/devices/{mac}/telemetry`.",
         _topic_prefix,
     ),
@@ -282,7 +283,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "IIOT_ARCHIVE_ROOT",
         None,
-        "a directory path or an fsspec URL",
+        "a directory path or an fsspec URL such as s3://bucket/prefix",
         "Parquet archives of expired telemetry. Unset: `<IIOT_DATA_DIR>/archive`.",
         _location,
     ),
@@ -436,7 +437,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "IIOT_DEFAULT_TIMEZONE",
         "America/Sao_Paulo",
-        "an IANA time zone",
+        "an IANA time zone such as America/Sao_Paulo",
         "Time zone given to new tenants that do not name one.",
         _timezone,
     ),
@@ -614,9 +615,13 @@ def _read(environ: Mapping[str, str], var: Variable) -> tuple[Any, str]:
         return var.parse(raw), "environment"
     except ValueError as exc:
         shown = raw if len(raw) <= 80 else raw[:77] + "..."
-        raise SettingsError(
-            f"{var.name}={shown!r} is invalid: {exc} (expected {var.expected})"
-        ) from None
+        reason = str(exc)
+        # a reason "must be ..." only restates the expected form; others say what is wrong
+        if reason.startswith("must "):
+            detail = f"expected {var.expected}"
+        else:
+            detail = f"{reason} (expected {var.expected})"
+        raise SettingsError(f"{var.name}={shown!r} is invalid: {detail}") from None
 
 
 def dagster_url_for(database_url: str) -> str:

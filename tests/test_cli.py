@@ -1,12 +1,17 @@
 import json
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from iiot_orchestration.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -38,6 +43,43 @@ def test_every_command_has_help():
         result = runner.invoke(main, [*command, "--help"])
         assert result.exit_code == 0, command
         assert "Usage: main" in result.output or "Usage: iiot" in result.output
+
+
+def _groups(group: click.Group, path: tuple[str, ...] = ()):
+    yield path, group
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _groups(command, (*path, name))
+
+
+def _first_sentence(text: str | None) -> str:
+    words = (text or "").split("\n\n", 1)[0].split()
+    ends = [i for i, word in enumerate(words) if word.endswith(".")]
+    return " ".join(words[: ends[0] + 1] if ends else words)
+
+
+def test_help_lists_each_command_with_its_whole_first_sentence():
+    """click cuts a command's description at the end of one line, with '...' (issue 21)."""
+    for path, group in _groups(main):
+        result = CliRunner().invoke(main, [*path, "--help"], terminal_width=80)
+        assert result.exit_code == 0, path
+        listing = result.output.split("\nCommands:\n", 1)[1]
+        assert "..." not in listing, (path, listing)
+        flat = " ".join(listing.split())
+        for name, command in group.commands.items():
+            if command.hidden:
+                continue
+            described = command.short_help or _first_sentence(command.help)
+            assert f"{name} {described}" in flat, (path, name, flat)
+
+
+def test_readme_lists_every_command():
+    """The README's command list names every top-level command and group the CLI registers."""
+    section = README.read_text().split("## The `iiot` command", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    listed = set(re.findall(r"^iiot ([a-z-]+)", block, flags=re.MULTILINE))
+    registered = {name for name, command in main.commands.items() if not command.hidden}
+    assert listed == registered
 
 
 def test_db_commands(run, storage_mode):
@@ -98,7 +140,9 @@ def test_dry_run_registers_nothing(run, tmp_path):
     csv_file.write_text("mac,meter_kind\naa:bb:cc:00:00:09,gas\n")
     result = run("devices", "provision", "--tenant", "acme", "--csv", str(csv_file), "--dry-run")
     assert result.exit_code == 0
-    assert "dry run, nothing registered: 1 provisioned" in result.output
+    assert "dry run, nothing registered: would provision 1, 0 skipped" in result.output
+    assert "would provision" in result.output.splitlines()[1]  # the row, not only the total
+    assert "1 provisioned" not in result.output
     assert json.loads(run("devices", "list", "--json").output) == []
 
 
@@ -125,6 +169,18 @@ def test_unusable_csv_is_one_clear_error(run, tmp_path):
     result = run("devices", "provision", "--tenant", "acme", "--csv", str(bad))
     assert result.exit_code == 1
     assert result.output.startswith("error: CSV file contains NUL bytes")
+
+
+def test_an_unterminated_quote_names_its_line(run, tmp_path):
+    run("tenants", "create", "acme", "--name", "Acme")
+    bad = tmp_path / "bad.csv"
+    bad.write_text('mac,meter_kind,name\naa:bb:cc:00:00:01,energy\naa:bb:cc:00:00:02,gas,"Boiler\n')
+    result = run("devices", "provision", "--tenant", "acme", "--csv", str(bad))
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        "error: CSV file is malformed on line 3: a quote in this row is never closed"
+    )
+    assert json.loads(run("devices", "list", "--json").output) == []
 
 
 def test_unreachable_database_is_one_clear_error(monkeypatch):

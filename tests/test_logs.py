@@ -133,7 +133,9 @@ def test_hostile_extras_and_line_breaks_keep_one_line(log_stream, fmt):
 
 
 def test_a_bad_log_format_is_a_clear_error(monkeypatch):
-    with pytest.raises(SettingsError, match=r"IIOT_LOG_FORMAT='xml' is invalid: .*text, json"):
+    with pytest.raises(
+        SettingsError, match=r"IIOT_LOG_FORMAT='xml' is invalid: expected text or json$"
+    ):
         load_settings({"IIOT_LOG_FORMAT": "xml"})
     assert load_settings({}).log_format == "text"
     assert load_settings({"IIOT_LOG_FORMAT": "JSON"}).log_format == "json"

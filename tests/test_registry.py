@@ -305,6 +305,53 @@ aa:bb:cc:00:01:05,energy,"""
     assert "longer than" in rejected[9]
 
 
+def test_a_row_without_the_optional_trailing_fields_gets_their_defaults():
+    data = (
+        b"mac,meter_kind,name,metrics\n"
+        b"aa:bb:cc:00:01:01,energy\n"
+        b"aa:bb:cc:00:01:02,water,Inlet\n"
+        b"aa:bb:cc:00:01:03,gas,Boiler,gas_m3\n"
+    )
+    parsed = parse_device_csv(data)
+    assert parsed.rejected == []
+    assert [(r.line, r.name, r.metrics) for r in parsed.requests] == [
+        (2, None, ()),
+        (3, "Inlet", ()),
+        (4, "Boiler", ("gas_m3",)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"mac,meter_kind,name\naa:bb:cc:00:01:01\n", "expected 3 fields, found 1"),
+        (b"name,mac,meter_kind\nMain,aa:bb:cc:00:01:01\n", "expected 3 fields, found 2"),
+    ],
+)
+def test_a_row_missing_a_required_field_is_rejected(data, message):
+    parsed = parse_device_csv(data)
+    assert parsed.requests == []
+    assert [(r.line, r.message) for r in parsed.rejected] == [(2, message)]
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b'mac,meter_kind\n"aa:bb:cc:00:01:01,energy\n', 2),
+        (b'mac,meter_kind\naa:bb:cc:00:01:01,energy\n"aa:bb:cc:00:01:02,gas\nx,y\n', 3),
+        (
+            b'mac,meter_kind,name\r\n\r\naa:bb:cc:00:01:01,energy,"Main\r\nboard"\r\n'
+            b'aa:bb:cc:00:01:02,gas,"Boiler\r\n',
+            5,
+        ),
+        (b'mac;meter_kind\naa:bb:cc:00:01:01;"energy"x\n', 2),
+    ],
+)
+def test_a_malformed_csv_names_the_line(data, line):
+    with pytest.raises(RegistryError, match=rf"^CSV file is malformed on line {line}: "):
+        parse_device_csv(data)
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [

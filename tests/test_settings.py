@@ -122,7 +122,35 @@ def test_bad_value_names_variable_and_expected_form(name, value, expected):
         load_settings({name: value})
     message = str(info.value)
     assert message.startswith(f"{name}=")
-    assert expected in message
+    assert message.split(" is invalid: ", 1)[1].count(expected) == 1  # said once (issue 21)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "IIOT_STORAGE",
+            "foo",
+            "IIOT_STORAGE='foo' is invalid: expected auto, timescale or postgres",
+        ),
+        (
+            "IIOT_TOPIC_PREFIX",
+            "a//b",
+            "IIOT_TOPIC_PREFIX='a//b' is invalid: expected topic segments of letters, digits, "
+            "'_', '.' and '-' joined by '/', such as iiot or acme/site1",
+        ),
+        (
+            "IIOT_MQTT_URL",
+            "mqtt://broker:99999",
+            "IIOT_MQTT_URL='mqtt://broker:99999' is invalid: Port out of range 0-65535 "
+            "(expected mqtt://host:port or mqtts://host:port)",
+        ),
+    ],
+)
+def test_bad_value_message_states_the_expected_form_once(name, value, message):
+    with pytest.raises(SettingsError) as info:
+        load_settings({name: value})
+    assert str(info.value) == message
 
 
 def test_retention_settings_default_and_parse():
