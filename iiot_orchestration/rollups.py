@@ -165,8 +165,10 @@ def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> No
         conn.autocommit = False
 
 
-def _stats_query(aggregate: bool) -> str:
-    return query("rollup_hour_stats_cagg" if aggregate else "rollup_hour_stats_raw")
+def _stats_query(aggregate: bool, devices: list[int] | None) -> str:
+    if aggregate:
+        return query("rollup_hour_stats_cagg")
+    return query("rollup_hour_stats_raw" if devices is None else "rollup_hour_stats_devices")
 
 
 @dataclass(frozen=True)
@@ -272,13 +274,13 @@ def _rollup_hours_once(
             ) as side_results:
                 conn.execute(
                     "CREATE TEMP TABLE rollup_stats ON COMMIT DROP AS "
-                    + _stats_query(aggregate)
+                    + _stats_query(aggregate, devices)
                     + " WITH NO DATA",
                     _window_params(windows[0], cumulative, devices),
                 )
                 for window in windows:
                     conn.execute(
-                        "INSERT INTO rollup_stats " + _stats_query(aggregate),
+                        "INSERT INTO rollup_stats " + _stats_query(aggregate, devices),
                         _window_params(window, cumulative, devices),
                     )
                 passes = side_results()

@@ -305,7 +305,8 @@ def test_a_sensor_run_rewrites_only_the_devices_marked_dirty(conn, database_url,
     assert materialize(database_url).success
     before_other = hourly_rows(conn, other[1])
     tenant_id, device_id = seeded["acme"]
-    late = [("energy_kwh", at(2.5), 150.0)]
+    # a cumulative and an instantaneous metric: their statistics come from different queries
+    late = [("energy_kwh", at(2.5), 150.0), ("power_w", at(2.4), 80.0), ("power_w", at(2.2), 60.0)]
     land(database_url, seeded["acme"], late)
     assert conn.execute(
         "SELECT window_start, tenant_id, device_id FROM dirty_window_devices"
@@ -316,7 +317,8 @@ def test_a_sensor_run_rewrites_only_the_devices_marked_dirty(conn, database_url,
     assert all(e.passed for e in result.get_asset_check_evaluations())
     assert daily_metadata(result, "telemetry_hourly")["dirty_devices"] == "1"
     expected = expected_hours(READINGS + late, DAY, DAY + timedelta(days=1))
-    assert hourly_rows(conn, device_id)[("energy_kwh", at(2))] == expected[("energy_kwh", at(2))]
+    for metric in ("energy_kwh", "power_w"):
+        assert hourly_rows(conn, device_id)[(metric, at(2))] == expected[(metric, at(2))]
     assert hourly_rows(conn, other[1]) == before_other
     assert conn.execute("SELECT count(*) FROM dirty_window_devices").fetchone()[0] == 0
     partial = [all_rows(conn, t) for t in ("telemetry_hourly", "telemetry_daily")]
