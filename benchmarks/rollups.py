@@ -14,6 +14,10 @@ run:
   the hour and the 50 devices dirty, as a late batch from a few gateways does; the run is the
   one the late-data sensor requests (tagged with the hour and `iiot/late_day`), so it rewrites
   those devices' series of the hour, corrects the buckets after them and re-sums their days.
+
+The storage mode is the server's (`IIOT_BENCH_SERVER_URL`, migrated with `auto`): TimescaleDB
+mode on a server with the extension preloaded, PostgreSQL mode otherwise; the first line says
+which. `IIOT_BENCH_ROLLUP_DEVICES` (default 1,000) shrinks the day for a quick run.
 """
 
 import os
@@ -134,7 +138,10 @@ def late_run(url: str, instance: dg.DagsterInstance, round_: int) -> float:
 
 def main() -> None:
     with scratch_database() as url:
-        print(f"loading {DEVICES * len(METRICS) * READINGS_PER_SERIES:,} readings...", flush=True)
+        with psycopg.connect(url) as conn:
+            mode = storage_for(conn).mode
+        readings = DEVICES * len(METRICS) * READINGS_PER_SERIES
+        print(f"loading {readings:,} readings ({mode} mode)...", flush=True)
         rows = load(url)
         # warm the cache, then the best of two (three for the short late-data run) for each case
         bare(url)
