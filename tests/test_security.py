@@ -82,6 +82,8 @@ SECURITY_DEFINER = {
     "iiot_usage_summaries_insert()": "trigger",
     "iiot_usage_summaries_update()": "trigger",
     "iiot_usage_summaries_delete()": "trigger",
+    "iiot_billing_mark_late_hours()": "trigger",
+    "iiot_plan_price_is_valid()": "trigger",
 }
 
 
@@ -307,6 +309,16 @@ def plain_rows(conn: psycopg.Connection, tenant_id: int, device_id: int) -> None
     conn.execute(
         "INSERT INTO billing_adjustments (tenant_id, period, amount, reason, actor)"
         " VALUES (%(tenant)s, date_trunc('month', %(day)s)::date, -1.00, 'probe credit', 't')",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO billing_late_hours (tenant_id, hour) VALUES (%(tenant)s, %(at)s)", params
+    )
+    conn.execute(
+        "INSERT INTO billing_late_usage (tenant_id, day, source_period, period, plan_id, messages,"
+        " readings, overage_messages, unit_price, amount)"
+        " VALUES (%(tenant)s, %(day)s, date_trunc('month', %(day)s)::date,"
+        "         (date_trunc('month', %(day)s) + interval '1 month')::date, 'pro', 1, 1, 0, 0, 0)",
         params,
     )
     conn.execute(
