@@ -34,7 +34,10 @@ def _send_quota_notices(conn, tenant_ids) -> int:
 
 
 def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]:
-    keys = context.partition_key.keys_by_dimension
+    # a run launched with the dagster/partition tag alone (GraphQL, the launchpad) has a plain
+    # "2026-10-10|acme" for its key, not a MultiPartitionKey
+    partitions_def = TENANT_DAYS if dimension == "day" else TENANT_MONTHS
+    keys = partitions_def.get_partition_key_from_str(context.partition_key).keys_by_dimension
     return date.fromisoformat(keys[dimension]), keys["tenant"]
 
 

@@ -7,7 +7,6 @@ calendar month in the tenant's time zone, and new tenants appear as partitions t
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import dagster as dg
 
@@ -85,7 +84,8 @@ def consumption_report(
 ) -> dg.MaterializeResult:
     """A tenant's month as a PDF and an Excel workbook: consumption per meter kind, device and
     day, device ranking and change from the previous month, completeness, dead letters."""
-    keys = cast(dg.MultiPartitionKey, context.partition_key).keys_by_dimension
+    # a plain "2026-10-01|acme" when the run was launched with the dagster/partition tag alone
+    keys = TENANT_MONTHS.get_partition_key_from_str(context.partition_key).keys_by_dimension
     slug, period = keys["tenant"], Period.from_month_key(keys["month"])
     root = load_settings().reports_root
     with postgres.get_connection() as conn:
