@@ -410,7 +410,8 @@ def devices_list(tenant: str | None, as_json: bool) -> None:
     type=click.IntRange(0, 65535),
     default=None,
     help="With --processes above 1: port of the parent's /metrics (slot restarts) "
-    "[default: --metrics-port plus --processes, the port after the last slot's; 0 turns it off].",
+    "[default: --metrics-port minus 1, the port before the first slot's (9107), clear of "
+    "`iiot dagster-metrics` on 9110; 0 turns it off].",
 )
 @click.option("--supervisor-pid", type=int, default=None, hidden=True)  # set for the slots
 @friendly_errors
@@ -474,7 +475,7 @@ def ingest_command(
             "--writer-process" if writer_process else "--no-writer-process",
         ]
         if supervisor_metrics_port is None:
-            supervisor_metrics_port = metrics_port + processes if metrics_port else 0
+            supervisor_metrics_port = metrics_port - 1 if metrics_port > 1 else 0
         supervisor = Supervisor(
             [sys.executable, "-m", "iiot_orchestration.cli", "ingest", *options],
             processes,
