@@ -11,6 +11,7 @@ import dagster as dg
 
 from iiot_orchestration import alerts, backups
 from iiot_orchestration.db import connect
+from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import Settings, load_settings
 
 ARCHIVE_READABLE = "backup_archive_readable"
@@ -66,6 +67,7 @@ def _hours(value: timedelta | None) -> float | None:
         )
     ],
 )
+@retry_transient
 def database_backup(
     context: dg.AssetExecutionContext, backup: BackupResource
 ) -> dg.MaterializeResult:
@@ -124,6 +126,7 @@ def database_backup(
         fail_window=timedelta(days=8), warn_window=timedelta(days=7)
     ),
 )
+@retry_transient
 def restore_drill(
     context: dg.AssetExecutionContext, backup: BackupResource
 ) -> dg.MaterializeResult:

@@ -9,6 +9,7 @@ import dagster as dg
 from iiot_orchestration import alerts, billing, billing_alerts, billing_exports
 from iiot_orchestration.partitions import DAYS, TENANT_DAYS, TENANT_MONTHS, tenant_key
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import load_settings
 
 TOTAL_IS_SUM = "total_equals_lines"
@@ -50,6 +51,7 @@ def _keys(context: dg.AssetExecutionContext, dimension: str) -> tuple[date, str]
     "estimated storage and consumption per unit (from the marts).",
     **BILLING_ASSET,
 )
+@retry_transient
 def billing_daily_usage(
     context: dg.AssetExecutionContext, postgres: PostgresResource
 ) -> dg.MaterializeResult:
@@ -132,6 +134,7 @@ def _lines_markdown(invoice: billing.Invoice) -> str:
     "a difference). PDF and XLSX under the reports root.",
     **BILLING_ASSET,
 )
+@retry_transient
 def billing_invoice(
     context: dg.AssetExecutionContext, postgres: PostgresResource
 ) -> dg.MaterializeResult:
@@ -224,6 +227,7 @@ class NightlyBillingConfig(dg.Config):
     "PDF and XLSX of each. nightly_billing_sensor requests it when many tenants are due.",
     **BILLING_ASSET,
 )
+@retry_transient
 def billing_nightly(
     context: dg.AssetExecutionContext, postgres: PostgresResource, config: NightlyBillingConfig
 ) -> dg.MaterializeResult:

@@ -10,6 +10,7 @@ import dagster as dg
 from iiot_orchestration import ota, ota_acks, pki
 from iiot_orchestration.mqtt import MqttError, MqttOptions
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import Settings, load_settings
 
 ONE_ACTIVE_CERTIFICATE = "active_devices_have_one_active_certificate"
@@ -96,6 +97,7 @@ def _ca(certificates: CertificatesResource) -> pki.CertificateAuthority:
 
 
 @dg.asset(**CERTIFICATE_ASSET)
+@retry_transient
 def certificate_expiry_sweep(
     context: dg.AssetExecutionContext,
     postgres: PostgresResource,
@@ -192,6 +194,7 @@ def crl_lists_every_revoked_serial(
         ),
     ],
 )
+@retry_transient
 def certificate_renewal_batch(
     context: dg.AssetExecutionContext,
     postgres: PostgresResource,

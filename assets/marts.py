@@ -22,6 +22,7 @@ from filelock import FileLock
 from psycopg.conninfo import conninfo_to_dict
 
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.retries import retry_transient
 
 with warnings.catch_warnings():
     # dagster-dbt requires sqlglot[rs], whose sqlglotrs module warns on import that it is
@@ -142,6 +143,7 @@ class MartsTranslator(DagsterDbtTranslator):
     dagster_dbt_translator=MartsTranslator(),
     name="marts",
 )
+@retry_transient
 def marts(
     context: dg.AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource
 ) -> Iterator[Any]:

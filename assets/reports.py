@@ -16,6 +16,7 @@ from iiot_orchestration.reports.coverage import DUE_AFTER, missing_reports
 from iiot_orchestration.reports.data import ConsumptionReport
 from iiot_orchestration.reports.verify import verify_files
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import load_settings
 
 REPORT_ASSET = "consumption_report"
@@ -79,6 +80,7 @@ def preview(report: ConsumptionReport) -> str:
         )
     ],
 )
+@retry_transient
 def consumption_report(
     context: dg.AssetExecutionContext, postgres: PostgresResource
 ) -> dg.MaterializeResult:

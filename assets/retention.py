@@ -12,6 +12,7 @@ from iiot_orchestration import retention
 from iiot_orchestration.archive import Store, open_store
 from iiot_orchestration.partitions import PARTITIONS_START
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import load_settings
 
 RETENTION_PARTITIONS = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
@@ -89,6 +90,7 @@ def _tenant_days_markdown(run: retention.RetentionRun) -> str:
         ),
     ],
 )
+@retry_transient
 def telemetry_archive(
     context: dg.AssetExecutionContext, postgres: PostgresResource, archive: ArchiveResource
 ) -> dg.MaterializeResult:
@@ -205,6 +207,7 @@ def no_expired_readings(postgres: PostgresResource) -> dg.AssetCheckResult:
         )
     ],
 )
+@retry_transient
 def telemetry_compression(
     context: dg.AssetExecutionContext, postgres: PostgresResource
 ) -> dg.MaterializeResult:

@@ -449,6 +449,22 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 100),
     ),
     Variable(
+        "IIOT_RETRY_MAX",
+        "3",
+        "a whole number from 0 to 10",
+        "Retries of a nightly asset (billing, reports, marts, backups, certificates, retention) "
+        "after a transient failure such as a lost database connection; 0 turns them off "
+        "(docs/operations.md).",
+        _int_range(0, 10),
+    ),
+    Variable(
+        "IIOT_RETRY_DELAY_SECONDS",
+        "30",
+        "a whole number from 0 to 3600",
+        "Wait before the first retry; it doubles with each further retry, +-50 % at random.",
+        _int_range(0, 3600),
+    ),
+    Variable(
         "IIOT_DAGSTER_HOST",
         "127.0.0.1",
         "a host name or IP address",
@@ -594,6 +610,8 @@ class Settings:
     dead_letter_retention_days: int = 30
     unknown_device_dead_letters_per_minute: int = 10
     log_format: str = "text"
+    retry_max: int = 3
+    retry_delay_seconds: int = 30
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -709,6 +727,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE"
         ],
         log_format=values["IIOT_LOG_FORMAT"],
+        retry_max=values["IIOT_RETRY_MAX"],
+        retry_delay_seconds=values["IIOT_RETRY_DELAY_SECONDS"],
         sources=sources,
     )
 
@@ -751,6 +771,8 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_FRESHNESS_MINUTES": settings.freshness_minutes,
         "IIOT_DEFAULT_TIMEZONE": settings.default_timezone,
         "IIOT_MAX_CONCURRENT_RUNS": settings.max_concurrent_runs,
+        "IIOT_RETRY_MAX": settings.retry_max,
+        "IIOT_RETRY_DELAY_SECONDS": settings.retry_delay_seconds,
         "IIOT_DAGSTER_HOST": settings.dagster_host,
         "IIOT_DAGSTER_PORT": settings.dagster_port,
         "IIOT_LOG_LEVEL": settings.log_level,
