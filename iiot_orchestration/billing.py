@@ -34,6 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from iiot_orchestration.errors import IiotError
+from iiot_orchestration.reports.units import to_resolution
 from iiot_orchestration.storage import storage_for
 
 CENT = Decimal("0.01")
@@ -601,7 +602,8 @@ def compute_usage(
     consumption: dict[tuple[int, date], dict[str, float]] = {}
     if conn.execute("SELECT to_regclass('marts.consumption_daily')").fetchone()[0]:
         for tenant_id, day, unit, value in conn.execute(_CONSUMPTION, params):
-            consumption.setdefault((tenant_id, day), {})[unit] = float(value)
+            # the sum of float register differences carries noise (0.5010000000002037)
+            consumption.setdefault((tenant_id, day), {})[unit] = to_resolution(float(value), unit)
     result: dict[tuple[int, date], DailyUsage] = {}
     for tenant_id, day, plan_id, provisioned, stored, reasons in rows:
         messages, day_readings, overage, active = hours.get((tenant_id, day), zero)

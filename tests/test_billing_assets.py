@@ -178,6 +178,36 @@ def test_the_daily_usage_asset(conn, database_url, acme, tmp_path):
     assert materialization.metadata["readings"].value == 3
 
 
+def test_the_usage_consumption_is_stored_and_shown_at_the_meters_resolution(
+    conn, database_url, acme, tmp_path
+):
+    """The mart's consumption summed in floats (0.1 + 0.2 kWh = 0.30000000000000004, 1.1 + 2.2 m3
+    = 3.3000000000000003) reaches billing_daily_usage and the asset's metadata at the meters'
+    resolution, thousandths."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS marts.consumption_daily"
+        " (tenant_id integer, local_day date, unit text, consumption double precision);"
+        " GRANT SELECT ON marts.consumption_daily TO platform_rw"
+    )
+    conn.execute(
+        "INSERT INTO marts.consumption_daily (tenant_id, local_day, unit, consumption)"
+        " VALUES (%(t)s, '2026-10-10', 'kWh', 0.1), (%(t)s, '2026-10-10', 'kWh', 0.2),"
+        "        (%(t)s, '2026-10-10', 'm3', 1.1), (%(t)s, '2026-10-10', 'm3', 2.2)",
+        {"t": acme.tenant_id},
+    )
+    result = materialize(
+        database_url, [billing_daily_usage], tenant_key("2026-10-10", "acme", "day"), tmp_path
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("billing_daily_usage")
+    stored = conn.execute(
+        "SELECT consumption::text FROM billing_daily_usage WHERE tenant_id = %s",
+        (acme.tenant_id,),
+    ).fetchone()[0]
+    assert json.loads(stored) == {"kWh": 0.3, "m3": 3.3}
+    assert materialization.metadata["consumption"].value == {"kWh": 0.3, "m3": 3.3}
+
+
 def test_the_assets_refuse_days_and_periods_before_the_tenant_existed(
     conn, database_url, acme, reports_root, tmp_path
 ):
