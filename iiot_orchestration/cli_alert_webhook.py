@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def alert_webhook_command(
     except OSError as exc:
         raise alerts.AlertError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     click.echo(f"receiving Alertmanager webhooks on http://{host}:{port}{PATH} (Ctrl-C stops)")
+    stop = threading.Event()
+    # its own handlers: a process started with SIGTERM or SIGINT ignored (a background job of a
+    # non-interactive shell, some service managers) would otherwise never stop
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+        stop.wait()
     server.shutdown()
+    click.echo("stopped")

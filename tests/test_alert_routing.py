@@ -341,8 +341,14 @@ def test_the_cli_serves_the_webhook(cli_env):
         assert (status, answer["error"]) == (400, "not an Alertmanager payload: no list of alerts")
     finally:
         process.terminate()
-        out, _ = process.communicate(10)
+        try:
+            out, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
     assert f"receiving Alertmanager webhooks on http://127.0.0.1:{port}/alertmanager" in out
+    assert process.returncode == 0, out  # SIGTERM stops it cleanly
+    assert out.rstrip().endswith("stopped")
 
 
 # --- end to end -----------------------------------------------------------------------------
