@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -446,27 +445,27 @@ def test_a_stopped_ingest_target_reaches_the_webhook_through_alertmanager(
         ).read_text()[-2000:]
         target.shutdown()
         target.server_close()
-        started = time.monotonic()
         assert wait_for(lambda: len(receiver.requests) >= 2, 30), (
             tmp_path / "alertmanager.log"
         ).read_text()[-2000:]
-        took = time.monotonic() - started
         (_, hook), (_, bot) = receiver.requests[:2]
         assert hook["title"] == f"Ingest process 127.0.0.1:{metrics_port} is down"
         assert hook["severity"] == "CRITICAL"
         assert hook["detail"]["alert"] == "IngestDown"
         assert hook["detail"]["runbook"].endswith("/docs/runbooks/ingest-down.md")
         assert "[CRITICAL] Ingest process" in bot["text"]
-        assert took < 30
         # a healthy target raised nothing: IngestDown is the only alert that arrived
         assert {body.get("detail", {}).get("alert") for _p, body in receiver.requests} <= {
             "IngestDown",
             None,
         }
         key = hook["key"]
-        assert conn.execute("SELECT state FROM alerts WHERE alert_key = %s", (key,)).fetchall() == [
-            ("open",)
-        ]
+
+        def recorded() -> list[tuple]:
+            # the receiver commits once its deliveries are sent, just after they arrive here
+            return conn.execute("SELECT state FROM alerts WHERE alert_key = %s", (key,)).fetchall()
+
+        assert wait_for(lambda: recorded() == [("open",)], 10), recorded()
     finally:
         stop(prom)
         stop(am)
