@@ -683,6 +683,7 @@ def dev_command(no_dagster: bool) -> None:
 
 # command groups defined in their own modules, which import the helpers above
 from iiot_orchestration.cli_alert_webhook import alert_webhook_command  # noqa: E402
+from iiot_orchestration.cli_api import api_command, api_keys_group  # noqa: E402
 from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command  # noqa: E402
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
@@ -710,6 +711,8 @@ main.add_command(ingest_sessions_group)
 tenants.add_command(tenants_delete_command)
 tenants.add_command(logins_group)
 main.add_command(dagster_command)
+main.add_command(api_command)
+main.add_command(api_keys_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

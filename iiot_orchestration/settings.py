@@ -479,6 +479,63 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 65535),
     ),
     Variable(
+        "IIOT_API_HOST",
+        "127.0.0.1",
+        "a host name or IP address",
+        "Interface `iiot api` (and the API started by `iiot dev`) listens on (docs/api.md).",
+        _host,
+    ),
+    Variable(
+        "IIOT_API_PORT",
+        "8000",
+        "a port from 1 to 65535",
+        "Port of `iiot api`.",
+        _int_range(1, 65535),
+    ),
+    Variable(
+        "IIOT_API_RATE_PER_SECOND",
+        "20",
+        "a whole number from 1 to 100000",
+        "Requests a second each API key may make on average (a token bucket per key); more "
+        "get 429 with Retry-After.",
+        _int_range(1, 100_000),
+    ),
+    Variable(
+        "IIOT_API_RATE_BURST",
+        "40",
+        "a whole number from 1 to 100000",
+        "Requests an API key may make at once before IIOT_API_RATE_PER_SECOND applies.",
+        _int_range(1, 100_000),
+    ),
+    Variable(
+        "IIOT_API_MAX_BODY_BYTES",
+        "2097152",
+        "a whole number of bytes from 1024 to 1073741824",
+        "Largest request body the API accepts (a device CSV included); larger gets 413.",
+        _int_range(1024, 1 << 30),
+    ),
+    Variable(
+        "IIOT_API_EXPORT_MAX_ROWS",
+        "10000000",
+        "a whole number from 1 to 1000000000",
+        "Most rows one export may hold; a larger range gets 413 before anything is sent.",
+        _int_range(1, 1_000_000_000),
+    ),
+    Variable(
+        "IIOT_API_EXPORT_TIMEOUT_SECONDS",
+        "600",
+        "a whole number from 1 to 86400",
+        "Longest an export may run (PostgreSQL statement_timeout of its query).",
+        _int_range(1, 86_400),
+    ),
+    Variable(
+        "IIOT_API_KEY_GRACE_HOURS",
+        "24",
+        "a whole number from 0 to 8760",
+        "After `iiot api-keys rotate`, hours the old key keeps working beside the new one.",
+        _int_range(0, 8760),
+    ),
+    Variable(
         "IIOT_ALERT_WEBHOOK_URL",
         None,
         "an http:// or https:// URL",
@@ -612,6 +669,14 @@ class Settings:
     log_format: str = "text"
     retry_max: int = 3
     retry_delay_seconds: int = 30
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_rate_per_second: int = 20
+    api_rate_burst: int = 40
+    api_max_body_bytes: int = 2 * 1024 * 1024
+    api_export_max_rows: int = 10_000_000
+    api_export_timeout_seconds: int = 600
+    api_key_grace_hours: int = 24
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -729,6 +794,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=values["IIOT_LOG_FORMAT"],
         retry_max=values["IIOT_RETRY_MAX"],
         retry_delay_seconds=values["IIOT_RETRY_DELAY_SECONDS"],
+        api_host=values["IIOT_API_HOST"],
+        api_port=values["IIOT_API_PORT"],
+        api_rate_per_second=values["IIOT_API_RATE_PER_SECOND"],
+        api_rate_burst=values["IIOT_API_RATE_BURST"],
+        api_max_body_bytes=values["IIOT_API_MAX_BODY_BYTES"],
+        api_export_max_rows=values["IIOT_API_EXPORT_MAX_ROWS"],
+        api_export_timeout_seconds=values["IIOT_API_EXPORT_TIMEOUT_SECONDS"],
+        api_key_grace_hours=values["IIOT_API_KEY_GRACE_HOURS"],
         sources=sources,
     )
 
@@ -775,6 +848,14 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_RETRY_DELAY_SECONDS": settings.retry_delay_seconds,
         "IIOT_DAGSTER_HOST": settings.dagster_host,
         "IIOT_DAGSTER_PORT": settings.dagster_port,
+        "IIOT_API_HOST": settings.api_host,
+        "IIOT_API_PORT": settings.api_port,
+        "IIOT_API_RATE_PER_SECOND": settings.api_rate_per_second,
+        "IIOT_API_RATE_BURST": settings.api_rate_burst,
+        "IIOT_API_MAX_BODY_BYTES": settings.api_max_body_bytes,
+        "IIOT_API_EXPORT_MAX_ROWS": settings.api_export_max_rows,
+        "IIOT_API_EXPORT_TIMEOUT_SECONDS": settings.api_export_timeout_seconds,
+        "IIOT_API_KEY_GRACE_HOURS": settings.api_key_grace_hours,
         "IIOT_LOG_LEVEL": settings.log_level,
         "IIOT_LOG_FORMAT": settings.log_format,
         "IIOT_ALERT_WEBHOOK_URL": settings.alert_webhook_url,
