@@ -136,3 +136,15 @@ def platform_key(conn: psycopg.Connection) -> str:
 
 def later(**delta: float) -> datetime:
     return datetime.now(UTC) + timedelta(**delta)
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str) -> dict:
+    """The response is an error of ``status`` and ``code`` in the one envelope; its error."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error

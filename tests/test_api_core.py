@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from iiot_orchestration.api import keys
-from tests.api_helpers import platform_key, running_api, seed_tenant
+from tests.api_helpers import assert_envelope, platform_key, running_api, seed_tenant
 
 
 @pytest.fixture
@@ -18,17 +18,6 @@ def api(database_url, tmp_path):
         platform = platform_key(conn)
     with running_api(database_url, tmp_path) as server:
         yield server, acme, globex, platform
-
-
-def assert_envelope(response, status, code):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
-    return error
 
 
 def test_a_key_identifies_its_tenant_and_role(api):
