@@ -55,7 +55,7 @@ from ingest_daemon.worker import (
     WorkerFailed,
     open_writer,
 )
-from ingest_daemon.writer import BatchWriter
+from ingest_daemon.writer import BatchWriter, retry_reason
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class Counters:
     dead_letters: int = 0
     overage: int = 0
     batches: int = 0
+    batches_retried: int = 0  # batches whose write failed and was tried again
     unacknowledged: int = 0  # left for the broker to deliver again (a stop during an outage)
     unknown_device_throttled: int = 0  # messages of unknown devices counted, not stored
 
@@ -557,9 +558,10 @@ class IngestDaemon:
         entry = in_flight.popleft()
         try:
             written = self._process.receive()
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as exc:
             failed = [entry, *in_flight]
             in_flight.clear()
+            self._count_retry(exc)  # the first is written again by _commit_again
             self._commit_again(failed)
             return
         self._acknowledge(entry.batch, written, entry.started)
@@ -573,7 +575,7 @@ class IngestDaemon:
             raise WorkerFailed("the writer process committed a batch after a failed one")
         for done, entry in enumerate(failed):
             try:
-                self._flush(entry.batch, entry.batch_id, entry.started)
+                self._flush(entry.batch, entry.batch_id, entry.started, retried=done == 0)
             except ShutdownAbandoned as exc:
                 rest = sum(len(later.batch) for later in failed[done + 1 :])
                 raise ShutdownAbandoned(exc.args[0] + rest) from exc
@@ -617,10 +619,16 @@ class IngestDaemon:
         batch.mids.append(message.mid)
 
     def _flush(
-        self, batch: Batch, batch_id: int | None = None, started: float | None = None
+        self,
+        batch: Batch,
+        batch_id: int | None = None,
+        started: float | None = None,
+        *,
+        retried: bool = False,
     ) -> None:
         """Commit the batch, retrying until the database takes it, then acknowledge it. A batch
-        sent to the writer process before keeps its id, so it is not judged again."""
+        sent to the writer process before keeps its id, so it is not judged again; ``retried``:
+        its failed write is counted already (``_count_retry``)."""
         delay = 0.5
         started = time.perf_counter() if started is None else started
         if batch_id is None:
@@ -655,6 +663,9 @@ class IngestDaemon:
                 self._close_writer()
                 if self._stop_timed_out():
                     raise ShutdownAbandoned(len(batch)) from exc
+                if not retried:
+                    retried = True
+                    self._count_retry(exc)
                 self._wait_to_retry(delay)
                 delay = min(delay * 2, 10.0)
         if self._database_lost_at is not None:
@@ -665,6 +676,12 @@ class IngestDaemon:
             )
             self._database_lost_at = None
         self._acknowledge(batch, written, started)
+
+    def _count_retry(self, error: BaseException) -> None:
+        """A batch whose write failed is tried again: counted once a batch (however long the
+        outage), by the class of its first failure, for IngestRetryRate."""
+        self.counters.batches_retried += 1
+        self.metrics.batches_retried.labels(retry_reason(error)).inc()
 
     def _acknowledge(self, batch: Batch, written: Written, started: float) -> None:
         acknowledge(self._client, batch.mids)

@@ -9,6 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# why a batch write failed and was tried again (ingest_daemon.writer.retry_reason)
+RETRY_REASONS = ("connection", "serialization", "other")
+
 
 class IngestMetrics:
     """One registry per daemon, so that several daemons in one process (tests) stay apart."""
@@ -40,6 +43,14 @@ class IngestMetrics:
             buckets=(1, 10, 50, 100, 500, 1000, 5000, 20000),
             registry=r,
         )
+        self.batches_retried = Counter(
+            "iiot_ingest_batches_retried",
+            "Batches written again after a failed write, by the class of the first failure",
+            ["reason"],
+            registry=r,
+        )
+        for reason in RETRY_REASONS:  # every series from the start: increase() sees the first
+            self.batches_retried.labels(reason)
         self.flush_seconds = Histogram(
             "iiot_ingest_flush_seconds", "Time to commit a batch", registry=r
         )

@@ -11,9 +11,9 @@ acknowledges the batch to the broker. Acknowledgements still follow the commit, 
 either process loses nothing the broker accepted.
 
 The pipe carries ``(kind, ...)`` tuples. Requests: ``("open",)``, ``("write", batch_id,
-messages)``, ``("stop",)``. Answers: ``("ok", payload)``, ``("unavailable", error)`` (the
-database: the receiving process retries the same batch, which is not judged twice) or
-``("fatal", error)``.
+messages)``, ``("stop",)``. Answers: ``("ok", payload)``, ``("unavailable", (error, reason))``
+(the database; ``reason`` is ``writer.retry_reason``: the receiving process retries the same
+batch, which is not judged twice) or ``("fatal", error)``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from iiot_orchestration.logs import configure_from_environment
 from ingest_daemon.judge import Judge, Judged, Written
 from ingest_daemon.registry_cache import RegistryCache
 from ingest_daemon.validation import Limits
-from ingest_daemon.writer import BatchWriter
+from ingest_daemon.writer import BatchNotTaken, BatchWriter, retry_reason
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def _read_registry(
         try:
             return RegistryCache(config.database_url), request
         except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-            pipe.send(("unavailable", f"cannot read the device registry: {exc}"[:500]))
+            message = f"cannot read the device registry: {exc}"[:500]
+            pipe.send(("unavailable", (message, retry_reason(exc))))
         except psycopg.Error as exc:  # not migrated, no privilege: waiting would not help
             pipe.send(("fatal", f"cannot read the device registry: {exc}"[:500]))
             return None, None
@@ -170,10 +171,12 @@ def _commit(
     """The committer thread of ``serve``: answers every request it takes, in order."""
     writer: BatchWriter | None = None
     failed: int | None = None  # the batch the database did not take: none after it is tried
+    failed_reason = "connection"
     try:
         while (request := work.get()) is not None:
             if request[0] == "write" and failed not in (None, request[1]):
-                pipe.send(("unavailable", f"batch {failed} is waiting for the database"))
+                waiting = f"batch {failed} is waiting for the database"
+                pipe.send(("unavailable", (waiting, failed_reason)))
                 continue
             try:
                 writer = writer or open_writer(config)
@@ -187,8 +190,8 @@ def _commit(
                     writer.conn.close()
                     writer = None
                 if request[0] == "write":
-                    failed = request[1]
-                pipe.send(("unavailable", str(exc)[:500]))
+                    failed, failed_reason = request[1], retry_reason(exc)
+                pipe.send(("unavailable", (str(exc)[:500], retry_reason(exc))))
                 continue
             failed = None
             del judged[request[1]]
@@ -231,7 +234,7 @@ class ProcessWriter:
         except (EOFError, OSError) as exc:
             raise WorkerFailed(f"the ingest writer process stopped ({exc!r})") from exc
         if kind == "unavailable":
-            raise DatabaseUnavailable(payload)
+            raise BatchNotTaken(*payload)
         if kind == "fatal":
             raise WorkerFailed(payload)
         return payload

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import orjson
 import psycopg
 
-from iiot_orchestration.db import query
+from iiot_orchestration.db import DatabaseUnavailable, query
 from iiot_orchestration.storage import storage_for
 from ingest_daemon.validation import Reading, Rejection
 
@@ -19,6 +19,35 @@ log = logging.getLogger(__name__)
 
 MAX_KEPT_PAYLOAD = 16 * 1024
 _READING_TYPES = ("int4", "int4", "text", "timestamptz", "float8", "timestamptz", "int4", "bool")
+# SQLSTATEs of a connection the server ended or refused: admin, crash and start-up shutdown
+_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+
+
+class BatchNotTaken(DatabaseUnavailable):
+    """The writer process could not commit a batch; ``reason`` is its ``retry_reason``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def retry_reason(error: BaseException) -> str:
+    """Why a batch write failed, for ``iiot_ingest_batches_retried_total{reason}`` (one of
+    ``ingest_daemon.metrics.RETRY_REASONS``): ``serialization`` for a
+    serialization failure or a deadlock (SQLSTATE class 40), ``connection`` for a connection
+    lost, refused or ended by the server (no SQLSTATE: libpq's own error; class 08; 57P01-03),
+    ``other`` for the rest (a cancelled statement, a full disk)."""
+    if isinstance(error, BatchNotTaken):
+        return error.reason
+    if isinstance(error, DatabaseUnavailable):
+        return "connection"
+    if isinstance(error, psycopg.Error):
+        state = error.sqlstate  # psycopg's SerializationFailure is no TransactionRollback
+        if state is not None and state.startswith("40"):
+            return "serialization"
+        if state is None or state.startswith("08") or state in _CONNECTION_STATES:
+            return "connection"
+    return "other"
 
 
 @dataclass(frozen=True, slots=True)

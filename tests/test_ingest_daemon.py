@@ -15,6 +15,7 @@ import pytest
 
 from iiot_orchestration.services import free_port
 from ingest_daemon.daemon import IngestConfig, IngestDaemon
+from ingest_daemon.metrics import RETRY_REASONS
 from tests.ingest_helpers import MAC, count, database_refusing_ingest, provision, wait_for
 
 
@@ -224,8 +225,48 @@ def test_database_outage_loses_nothing(
         assert running.daemon.metrics.database_losses._value.get() == 1
         assert "lost the database" in caplog.text
         assert "database back after" in caplog.text
+        # the batch that met the outage, counted once however often it was tried; a batch
+        # refused untried behind it (pipelined) is not a retried write
+        assert retried_batches(running.daemon) == {"connection": 1, "serialization": 0, "other": 0}
     finally:
         running.finish()
+
+
+def retried_batches(daemon):
+    counter = daemon.metrics.batches_retried
+    return {reason: counter.labels(reason)._value.get() for reason in RETRY_REASONS}
+
+
+def test_a_dropped_connection_is_a_retried_batch(
+    conn, database_url, ingest_broker, publisher, writer_process
+):
+    """The writer's connection is terminated between two batches (no outage): the next batch
+    fails, is written again at once and counts in iiot_ingest_batches_retried_total, the
+    numerator of IngestRetryRate (the denominator: iiot_ingest_batch_messages_count)."""
+    provision(conn)
+    port = free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    running = Running(database_url, ingest_broker, metrics_port=port, writer_process=writer_process)
+    topic = f"iiot/devices/{MAC}/telemetry"
+    try:
+        publish_all(publisher, [(topic, reading(2, 1))])
+        assert wait_for(lambda: count(conn, "telemetry") == 1)
+        assert 'iiot_ingest_batches_retried_total{reason="connection"} 0.0' in get(metrics)[1]
+        terminated = conn.execute(
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'iiot-ingest-0'"
+        ).fetchone()[0]
+        assert terminated == 1  # the slot's writer connection, in either process
+        publish_all(publisher, [(topic, reading(1, 2))])
+        assert wait_for(lambda: count(conn, "telemetry") == 2)
+        assert wait_for(lambda: "iiot_ingest_batch_messages_count 2.0" in get(metrics)[1])
+        text = get(metrics)[1]
+        assert 'iiot_ingest_batches_retried_total{reason="connection"} 1.0' in text
+        assert 'iiot_ingest_batches_retried_total{reason="serialization"} 0.0' in text
+        assert 'iiot_ingest_batches_retried_total{reason="other"} 0.0' in text
+    finally:
+        counters = running.finish()
+    assert (counters.batches, counters.batches_retried) == (2, 1)
 
 
 @BATCH_ROWS

@@ -58,9 +58,10 @@ def test_a_batch_retried_after_an_outage_is_judged_once(
     batch = [message(value, 5) for value in range(1, 6)] + [(TOPIC, b"{", time.time())]
     with database_refusing_ingest(pg_server, database_url):
         loop.send(("write", 1, batch))
-        kind, error = loop.recv()
+        kind, (error, reason) = loop.recv()
         assert kind == "unavailable"
         assert error
+        assert reason == "connection"  # its connection was terminated
     loop.send(("write", 1, batch))  # the same batch again: its verdicts are kept
     kind, written = loop.recv()
     assert kind == "ok"
@@ -78,9 +79,10 @@ def test_a_batch_retried_after_an_outage_is_judged_once(
 def test_a_worker_without_the_database_says_so_and_waits(loop_without_database):
     for request in (("open",), ("write", 1, [message(1, 5)]), ("open",)):
         loop_without_database.send(request)
-        kind, error = loop_without_database.recv()
+        kind, (error, reason) = loop_without_database.recv()
         assert kind == "unavailable"  # asked again, it tries again; nothing is judged
         assert "device registry" in error
+        assert reason == "connection"
 
 
 @pytest.fixture
@@ -134,10 +136,11 @@ def test_batches_in_flight_commit_in_order_after_an_outage(conn, database_url, p
         loop.send(("write", 1, first))
         loop.send(("write", 2, second))
         assert loop.recv()[0] == "unavailable"
-        kind, reason = loop.recv()
-    assert (kind, reason) == ("unavailable", "batch 1 is waiting for the database")
+        answer = loop.recv()
+    waiting = ("unavailable", ("batch 1 is waiting for the database", "connection"))
+    assert answer == waiting
     loop.send(("write", 2, second))  # out of order: still refused, nothing lands
-    assert loop.recv() == ("unavailable", "batch 1 is waiting for the database")
+    assert loop.recv() == waiting
     assert count(conn, "telemetry") == 0
     loop.send(("write", 1, first))
     loop.send(("write", 2, second))

@@ -4,9 +4,10 @@ import psycopg
 import pytest
 
 from iiot_orchestration import registry
-from iiot_orchestration.db import connect
+from iiot_orchestration.db import DatabaseUnavailable, connect
+from ingest_daemon.metrics import RETRY_REASONS
 from ingest_daemon.validation import Reading, Rejection
-from ingest_daemon.writer import BatchWriter, DeadLetter, Delivery
+from ingest_daemon.writer import BatchNotTaken, BatchWriter, DeadLetter, Delivery, retry_reason
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 
@@ -131,3 +132,33 @@ def test_days_years_apart_in_one_batch_all_land(conn, device, writer):
     conn.execute("UPDATE tenants SET retention_days = 36500")
     batch = readings(device, NOW, NOW - timedelta(days=365 * 20), NOW - timedelta(days=400))
     assert writer.write(batch, [], now=NOW).landed == 3
+
+
+def test_a_write_on_a_terminated_connection_is_a_connection_retry(conn, device, writer):
+    """What the daemon retries, classed for iiot_ingest_batches_retried_total{reason}."""
+    pid = writer.conn.info.backend_pid
+    assert conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()[0]
+    with pytest.raises(psycopg.OperationalError) as lost:
+        writer.write(readings(device, NOW), [], now=NOW)
+    assert retry_reason(lost.value) == "connection"
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (psycopg.errors.SerializationFailure("could not serialize access"), "serialization"),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), "serialization"),
+        (psycopg.errors.AdminShutdown("terminating connection"), "connection"),
+        (psycopg.errors.CannotConnectNow("the database system is starting up"), "connection"),
+        (psycopg.errors.ConnectionFailure("connection failure"), "connection"),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), "connection"),
+        (DatabaseUnavailable("cannot connect to postgresql://..."), "connection"),
+        (BatchNotTaken("from the writer process", "serialization"), "serialization"),
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), "other"),
+        (psycopg.errors.DiskFull("could not extend file"), "other"),
+    ],
+)
+def test_retry_reasons(error, reason):
+    assert retry_reason(error) == reason
+    assert reason in RETRY_REASONS

@@ -58,7 +58,13 @@ def test_dashboard_uses_exported_metrics_and_valid_sql(conn):
 
 
 @pytest.mark.parametrize(
-    "name", ["iiot_ingest_messages_received_total", "iiot_ingest_lag_seconds_bucket"]
+    "name",
+    [
+        "iiot_ingest_messages_received_total",
+        "iiot_ingest_lag_seconds_bucket",
+        "iiot_ingest_batches_retried_total",  # IngestRetryRate: retried / committed batches
+        "iiot_ingest_batch_messages_count",
+    ],
 )
 def test_the_names_the_rules_rely_on_exist(name):
     assert name in exported_names()
