@@ -140,6 +140,37 @@ def test_the_runbooks_queries_run_against_the_schema(conn):
     assert ran >= 5
 
 
+def test_the_late_tenants_query_keeps_each_tenants_own_clock(conn):
+    """The billing SLO is 04:00 in each tenant's time zone; NightlyBillingLate keeps São Paulo's.
+    The runbook's query lists the tenants whose own 04:00 passed without yesterday's usage."""
+    from iiot_orchestration import registry
+
+    text = (ROOT / "docs" / "runbooks" / "billing-run-failed.md").read_text()
+    [query] = [b for b in SQL_BLOCK.findall(text) if "unbilled_day" in b]
+    zones = {"tokyo": "Asia/Tokyo", "sp": "America/Sao_Paulo", "new": "UTC"}
+    for slug, zone in zones.items():
+        registry.create_tenant(conn, slug=slug, name=slug, plan="pro", timezone=zone)
+    conn.execute("UPDATE tenants SET created_at = now() - interval '5 days' WHERE slug <> 'new'")
+    late = {slug: day for slug, _, day, _ in conn.execute(query.rstrip().rstrip(";"))}
+    # each tenant's last night whose 04:00 has passed, in its zone; "new" was created today
+    expected = {}
+    for slug in ("tokyo", "sp"):
+        [[day]] = conn.execute(
+            "SELECT (now() AT TIME ZONE %s - interval '4 hours')::date - 1", (zones[slug],)
+        )
+        expected[slug] = day
+    assert late == expected
+    conn.execute(
+        "INSERT INTO billing_daily_usage (tenant_id, day, plan_id, messages, readings,"
+        " overage_messages, rate_limited, active_devices, provisioned_devices, stored_readings,"
+        " bytes_per_reading, storage_bytes)"
+        " SELECT tenant_id, %s, 'pro', 0, 0, 0, 0, 0, 0, 0, 100, 0"
+        " FROM tenants WHERE slug = 'tokyo'",
+        (expected["tokyo"],),
+    )
+    assert [row[0] for row in conn.execute(query.rstrip().rstrip(";"))] == ["sp"]
+
+
 # --- the receiver ---------------------------------------------------------------------------
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
