@@ -255,6 +255,74 @@ class Rule:
     severity: str
 
 
+CLI_FIELDS = {"threshold": "--threshold", "metric": "--metric", "window": "--window"}
+
+
+class RuleError(AlertError):
+    """A bad rule; ``field`` names the part at fault (None for the rule as a whole)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_rule(
+    *,
+    name: str,
+    kind: str,
+    severity: str,
+    metric: str | None,
+    threshold: float | None,
+    window_minutes: int,
+    fields: dict[str, str] = CLI_FIELDS,
+) -> str:
+    """The rule's name, cleaned as every display name is, when its fields and their combination
+    are valid; else RuleError. ``fields`` spells threshold, metric and window as the caller's
+    users know them (CLI options, API fields)."""
+    import math
+
+    from iiot_orchestration.registry import RegistryError, clean_name
+
+    if kind not in RULE_KINDS:
+        raise RuleError(f"unknown rule kind {kind[:30]!r}: one of {', '.join(RULE_KINDS)}", "kind")
+    if severity not in SEVERITIES:
+        raise RuleError(
+            f"unknown severity {severity[:30]!r}: one of {', '.join(SEVERITIES)}", "severity"
+        )
+    if not name.strip() or len(name.strip()) > 200:
+        raise RuleError("a rule needs a name of 1 to 200 characters", "name")
+    try:
+        name = clean_name(name, what="the rule's name", limit=200)
+    except RegistryError as exc:
+        raise RuleError(str(exc), "name") from None
+    if kind == "no_data":
+        if threshold is not None:
+            raise RuleError(
+                f"a no_data rule has no threshold: it uses {fields['window']} minutes", "threshold"
+            )
+    else:
+        if threshold is None or not math.isfinite(threshold):
+            raise RuleError(f"a {kind} rule needs a finite {fields['threshold']}", "threshold")
+        if metric is None:
+            raise RuleError(f"a {kind} rule needs a {fields['metric']}", "metric")
+    if not 1 <= window_minutes <= 10080:
+        raise RuleError("the window must be 1 to 10080 minutes", "window_minutes")
+    return name
+
+
+def check_metric(conn: psycopg.Connection, metric: str, meter_kind: str | None = None) -> None:
+    """The metric is in the catalog and, for a rule on one device, fits its ``meter_kind``."""
+    found = conn.execute("SELECT meter_kind FROM metric_catalog WHERE metric = %s", (metric,))
+    row = found.fetchone()
+    if row is None:
+        raise RuleError(f"unknown metric {metric[:40]!r}: see the metric catalog", "metric")
+    if meter_kind is not None and row[0] not in (None, meter_kind):
+        raise RuleError(
+            f"metric {metric} is for {row[0]} meters, not {meter_kind} meters like the device",
+            "metric",
+        )
+
+
 def add_rule(
     conn: psycopg.Connection,
     *,
@@ -269,62 +337,40 @@ def add_rule(
     actor: str = "cli",
 ) -> int:
     """Validate and store a rule; clear errors for every bad combination."""
-    import math
-
     from iiot_orchestration.registry import RegistryError, normalise_mac
 
-    if kind not in RULE_KINDS:
-        raise AlertError(f"unknown rule kind {kind[:30]!r}: one of {', '.join(RULE_KINDS)}")
-    if severity not in SEVERITIES:
-        raise AlertError(f"unknown severity {severity[:30]!r}: one of {', '.join(SEVERITIES)}")
-    if not name.strip() or len(name) > 200:
-        raise AlertError("a rule needs a name of 1 to 200 characters")
-    if kind == "no_data":
-        if threshold is not None:
-            raise AlertError("a no_data rule has no threshold: it uses --window minutes")
-    else:
-        if threshold is None or not math.isfinite(threshold):
-            raise AlertError(f"a {kind} rule needs a finite --threshold")
-        if metric is None:
-            raise AlertError(f"a {kind} rule needs a --metric")
-    if not 1 <= window_minutes <= 10080:
-        raise AlertError("the window must be 1 to 10080 minutes")
+    name = check_rule(
+        name=name,
+        kind=kind,
+        severity=severity,
+        metric=metric,
+        threshold=threshold,
+        window_minutes=window_minutes,
+    )
     row = conn.execute("SELECT tenant_id FROM tenants WHERE slug = %s", (tenant,)).fetchone()
     if row is None:
         raise AlertError(f"unknown tenant {tenant[:70]!r}")
     tenant_id = row[0]
-    if (
-        metric is not None
-        and not conn.execute("SELECT 1 FROM metric_catalog WHERE metric = %s", (metric,)).fetchone()
-    ):
-        raise AlertError(f"unknown metric {metric[:40]!r}: see the metric catalog")
-    device_id = None
+    device_id = meter_kind = None
     if device_mac is not None:
         try:
             mac = normalise_mac(device_mac)
         except RegistryError as exc:
             raise AlertError(str(exc)) from None
         found = conn.execute(
-            "SELECT device_id FROM devices WHERE mac = %s AND tenant_id = %s", (mac, tenant_id)
+            "SELECT device_id, meter_kind FROM devices WHERE mac = %s AND tenant_id = %s",
+            (mac, tenant_id),
         ).fetchone()
         if found is None:
             raise AlertError(f"no device {mac} in tenant {tenant}")
-        device_id = found[0]
+        device_id, meter_kind = found
+    if metric is not None:
+        check_metric(conn, metric, meter_kind)
     return conn.execute(
         "INSERT INTO alert_rules (tenant_id, device_id, metric, name, kind, threshold,"
         " window_minutes, severity, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " RETURNING rule_id",
-        (
-            tenant_id,
-            device_id,
-            metric,
-            name.strip(),
-            kind,
-            threshold,
-            window_minutes,
-            severity,
-            actor,
-        ),
+        (tenant_id, device_id, metric, name, kind, threshold, window_minutes, severity, actor),
     ).fetchone()[0]
 
 
