@@ -245,9 +245,55 @@ def test_health_and_metrics(api):
     assert "iiot_api_request_duration_seconds_bucket" in text
 
 
-def test_ready_fails_clearly_without_the_database(tmp_path):
+def test_without_the_database_requests_get_503_and_the_connection_stays_usable(tmp_path):
     url = "postgresql://nobody@127.0.0.1:1/none"
-    with running_api(url, tmp_path) as server, server.client() as client:
-        response = client.get("/health/ready")
-        assert client.get("/health/live").status_code == 200
-    assert_envelope(response, 503, "unavailable")
+    key = keys.generate()[1]
+    with running_api(url, tmp_path) as server, server.client(key) as client:
+        ready = client.get("/health/ready")
+        keyed = client.get("/api/v1/me")
+        assert client.get("/health/live").status_code == 200  # same kept-alive connection
+    assert_envelope(ready, 503, "unavailable")
+    assert_envelope(keyed, 503, "unavailable")
+    assert keyed.headers["retry-after"] == "5"
+
+
+def test_an_unexpected_error_is_a_500_envelope_and_the_connection_stays_usable():
+    """A bug in a route: the client gets the envelope with a request id, the log the traceback,
+    and a kept-alive connection survives (Starlette alone would re-raise to the server)."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from iiot_orchestration.api.app import create_app
+    from iiot_orchestration.services import free_port
+    from iiot_orchestration.settings import load_settings
+
+    app = create_app(load_settings({"IIOT_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"}))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(100):
+                try:
+                    client.get("/health/live")
+                    break
+                except httpx.TransportError:
+                    threading.Event().wait(0.05)
+            first = client.get("/boom")
+            second = client.get("/boom")
+            assert client.get("/health/live").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    for response in (first, second):
+        error = assert_envelope(response, 500, "internal_error")
+        assert "a bug" not in response.text
+        assert error["request_id"]

@@ -87,7 +87,7 @@ class RequestMiddleware:
             if too_large:
                 await self._refuse(scope, rid, too_large, send_with_id)
             else:
-                await self.app(scope, receive_from, send_with_id)
+                await self._call(scope, receive_from, send_with_id, status)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
@@ -107,6 +107,32 @@ class RequestMiddleware:
                     "key_id": scope["state"].get("key_id"),
                 },
             )
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send, status: dict) -> None:
+        """The application; an unhandled error becomes the 500 envelope here, so that it is
+        not re-raised to the server (which would close a kept-alive connection)."""
+        started = {"response": False}
+
+        async def tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started["response"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": scope["state"].get("request_id")})
+            if started["response"]:
+                raise  # a stream broke half way: only closing the connection can say so
+            from starlette.requests import Request
+
+            response = errors.envelope(
+                Request(scope),
+                500,
+                "internal_error",
+                "internal error; quote the request_id when reporting it",
+            )
+            await response(scope, _empty_receive, send)
 
     def _too_large(self, headers: dict[bytes, bytes]) -> str:
         length = headers.get(b"content-length")

@@ -13,14 +13,15 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from iiot_orchestration.api import keys
 from iiot_orchestration.api.errors import ApiError
@@ -30,11 +31,16 @@ RANKS = {"viewer": 1, "editor": 2, "admin": 3, "platform": 4}
 TENANT_HEADER = "X-IIOT-Tenant"
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer iiot_<prefix>_<secret>`")
-_tenant_header = APIKeyHeader(
-    name=TENANT_HEADER,
+_key_header = APIKeyHeader(
+    name="X-API-Key",
     auto_error=False,
-    scheme_name="PlatformTenant",
-    description="Platform keys only: the slug of the tenant the request acts for.",
+    scheme_name="ApiKeyHeader",
+    description="The same key in a header of its own, for clients that cannot send Bearer.",
+)
+_ACTING_FOR = Header(
+    alias=TENANT_HEADER,
+    description="Platform keys only: the slug of the tenant the request acts for (a tenant "
+    "key's tenant comes from the key, and this header is ignored).",
 )
 
 
@@ -97,11 +103,7 @@ class Session:
     def tenant(self) -> int:
         """The tenant of the request; a platform key must name one with X-IIOT-Tenant."""
         if self.tenant_id is None:
-            raise ApiError(
-                400,
-                f"a platform key acts for one tenant per request: name it with {TENANT_HEADER}",
-                code="tenant_required",
-            )
+            raise _tenant_required()
         return self.tenant_id
 
     def audit(self, action: str, entity: str, entity_id: Any = None, **detail: Any) -> None:
@@ -125,10 +127,42 @@ class Session:
             return cur.execute(sql, params).fetchone()
 
 
-def _presented_key(request: Request, bearer: HTTPAuthorizationCredentials | None) -> str:
+def _tenant_required() -> ApiError:
+    return ApiError(
+        400,
+        f"a platform key acts for one tenant per request: name it with {TENANT_HEADER}",
+        code="tenant_required",
+    )
+
+
+POOL_WAIT_SECONDS = 10.0
+
+
+@contextmanager
+def _pooled(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A pooled connection, or a 503 when the database cannot give one in POOL_WAIT_SECONDS."""
+    try:
+        manager = pool.connection(timeout=POOL_WAIT_SECONDS)
+        conn = manager.__enter__()
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        raise ApiError(
+            503,
+            "the database is unavailable; retry later",
+            code="unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
+    try:
+        yield conn
+    except BaseException as exc:
+        if not manager.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        manager.__exit__(None, None, None)
+
+
+def _presented_key(bearer: HTTPAuthorizationCredentials | None, header: str | None) -> str:
     if bearer is not None and bearer.credentials:
         return bearer.credentials.strip()
-    header = request.headers.get("x-api-key")
     if header:
         return header.strip()
     raise ApiError(
@@ -141,11 +175,14 @@ def _presented_key(request: Request, bearer: HTTPAuthorizationCredentials | None
 
 def open_session(
     request: Request,
-    bearer: HTTPAuthorizationCredentials | None,
+    key: str,
     acting_for: str | None,
     minimum: str,
+    *,
+    needs_tenant: bool = True,
 ) -> Iterator[Session]:
-    key = _presented_key(request, bearer)
+    """Authenticate ``key``; refuse it below ``minimum``, and a platform key that names no
+    tenant for an operation of one tenant (``needs_tenant``) before the request is validated."""
     refused = ApiError(
         401,
         "the API key is unknown, revoked or expired",
@@ -156,7 +193,7 @@ def open_session(
         raise refused
     state = request.app.state
     digest = keys.digest(key)
-    with state.pool.connection() as conn, conn.transaction():
+    with _pooled(state.pool) as conn, conn.transaction():
         found = conn.execute(
             "SELECT key_id, tenant_id, tenant_slug, role, key_name"
             " FROM iiot_api_authenticate(%s, %s)",
@@ -192,6 +229,8 @@ def open_session(
                 f"a {role} key cannot do this: it needs a {minimum} key",
                 code="forbidden",
             )
+        if needs_tenant and tenant_id is None:
+            raise _tenant_required()
         yield Session(
             conn,
             key_id,
@@ -204,19 +243,23 @@ def open_session(
         )
 
 
-def _requiring(minimum: str):
+def _requiring(minimum: str, *, needs_tenant: bool = True):
     def dependency(
         request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        acting_for: Annotated[str | None, Depends(_tenant_header)],
+        header_key: Annotated[str | None, Depends(_key_header)],
+        acting_for: Annotated[str | None, _ACTING_FOR] = None,
     ) -> Iterator[Session]:
-        yield from open_session(request, bearer, acting_for, minimum)
+        key = _presented_key(bearer, header_key)
+        yield from open_session(request, key, acting_for, minimum, needs_tenant=needs_tenant)
 
-    dependency.__name__ = f"{minimum}_session"
+    dependency.__name__ = f"{minimum}_session"  # the role in the OpenAPI document: x-iiot-role
     return Depends(dependency, scope="function")
 
 
 Viewer = Annotated[Session, _requiring("viewer")]
 Editor = Annotated[Session, _requiring("editor")]
 Admin = Annotated[Session, _requiring("admin")]
-Platform = Annotated[Session, _requiring("platform")]
+Platform = Annotated[Session, _requiring("platform", needs_tenant=False)]
+# any key, a platform key with or without X-IIOT-Tenant (GET /me)
+AnyKey = Annotated[Session, _requiring("viewer", needs_tenant=False)]

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from iiot_orchestration.api import API_PREFIX
 
@@ -61,6 +62,7 @@ _ERROR_TEXT = {
     422: "Validation error: details name each field",
     429: "Rate limit of the key exceeded: retry after Retry-After seconds",
     500: "Internal error: quote the request_id",
+    503: "The database is unavailable: retry after Retry-After seconds",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": text} for status, text in _ERROR_TEXT.items()
@@ -127,6 +129,16 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method of every route of the request's path: Starlette's 405 names only the first
+    route's, while FastAPI makes one route per operation (GET, PATCH and DELETE of a path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -145,9 +157,11 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
+        headers = dict(exc.headers or {})
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return envelope(request, exc.status_code, code, message, None, dict(exc.headers or {}))
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return envelope(request, exc.status_code, code, message, None, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
