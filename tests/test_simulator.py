@@ -547,8 +547,13 @@ def test_simulate_history_lands_a_week_the_rollups_then_show(
     create_tenant(conn, slug="demo", name="Demo", plan="pro", timezone="UTC")
     provision_devices(conn, "demo", [DeviceRequest("02:00:00:00:00:01", "water")])
     prefix = unique_prefix()
+    log = (tmp_path / "ingest.log").open("w")
     ingest = start_ingest_process(
-        database_url, ingest_broker.url, tmp_path / "ingest", IIOT_TOPIC_PREFIX=prefix
+        database_url,
+        ingest_broker.url,
+        tmp_path / "ingest",
+        output=log,
+        IIOT_TOPIC_PREFIX=prefix,
     )
     try:
         for key in [k for k in os.environ if k.startswith("IIOT_")]:
@@ -569,6 +574,7 @@ def test_simulate_history_lands_a_week_the_rollups_then_show(
     finally:
         ingest.terminate()
         ingest.wait(30)
+        log.close()
     assert count(conn, "telemetry", "metric = 'water_m3'") == expected
     assert count(conn, "dead_letters") == 0
     rows = conn.execute(
