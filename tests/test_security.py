@@ -4,6 +4,7 @@ tenant login tries each way across the boundary that the threat model names."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -21,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from assets.marts import dbt_resource, marts
 from iiot_orchestration import alerts, billing, registry, rollups
+from iiot_orchestration.api import keys
 from iiot_orchestration.db import connect, set_tenant
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.storage import storage_for
@@ -38,6 +40,8 @@ WRITES |= {"update": ("update",), "delete": ("delete",)}
 PARTITION = re.compile(r"^public\.telemetry_p\d{8}$")
 PARTITION_ROW = "public.telemetry_pYYYYMMDD"
 MODE_TAGS = {"TimescaleDB mode": "timescale", "PostgreSQL mode": "postgres"}
+# The group role of each column of the table but the tenant login
+ROLE_GRANTEES = {"service": "app_rw", "auditor": "readonly_audit", "platform": "platform_rw"}
 # SQLSTATEs that mean the database refused the statement: no privilege, a row-security or
 # append-only refusal (42501), a view or continuous aggregate that cannot be written (55000,
 # 0A000). Integrity errors (class 23) mean privileges and policies let the statement through.
@@ -84,6 +88,11 @@ SECURITY_DEFINER = {
     "iiot_usage_summaries_delete()": "trigger",
     "iiot_billing_mark_late_hours()": "trigger",
     "iiot_plan_price_is_valid()": "trigger",
+    "iiot_api_authenticate(bytea,text)": "app_rw",
+    "iiot_api_tenants(bytea)": "app_rw",
+    "iiot_api_claim_take(bytea)": "app_rw",
+    "iiot_api_claim_complete(bigint,integer)": "app_rw",
+    "iiot_api_lock_tenant()": "app_rw",
 }
 
 
@@ -337,10 +346,42 @@ def plain_rows(conn: psycopg.Connection, tenant_id: int, device_id: int) -> None
         "INSERT INTO retention_progress (tenant_id, archived_through) VALUES (%(tenant)s, %(day)s)",
         params,
     )
+    api_rows(conn, tenant_id, device_id)
+
+
+def api_rows(conn: psycopg.Connection, tenant_id: int, device_id: int) -> None:
+    """The tenant API's rows of one tenant (migration 0028): an admin key made as `iiot api-keys
+    create` makes it, and the claim flow as the API runs it (app_rw scoped to the tenant): the
+    device's claim code taken and completed, its one-time secret stored."""
+    keys.create(conn, tenant=None, tenant_id=tenant_id, role="admin", name="probe", actor="t")
+    code = hashlib.sha256(f"claim code of {tenant_id}".encode()).digest()
+    conn.execute(
+        "INSERT INTO device_claim_codes (code_sha256, mac, meter_kind, metrics, created_by)"
+        " SELECT %s, mac, 'energy', array(SELECT metric FROM device_metrics m"
+        "                                  WHERE m.device_id = d.device_id), 't'"
+        "   FROM devices d WHERE device_id = %s",
+        (code, device_id),
+    )
+    with conn.transaction():
+        conn.execute("SET LOCAL ROLE app_rw")
+        set_tenant(conn, tenant_id)
+        [(claim,)] = conn.execute("SELECT claim_id FROM iiot_api_claim_take(%s)", (code,))
+        conn.execute("SELECT iiot_api_claim_complete(%s, %s)", (claim, device_id))
+        conn.execute(
+            "INSERT INTO device_secrets (device_id, tenant_id, secret_sha256) VALUES (%s, %s, %s)",
+            (device_id, tenant_id, hashlib.sha256(f"secret of {device_id}".encode()).digest()),
+        )
 
 
 def global_rows(conn: psycopg.Connection) -> None:
     """A row in each table that belongs to no tenant, so that the matrix can probe it."""
+    # rows of tenant-owned tables that belong to no tenant yet: a platform key, a claim code
+    # not claimed (the matrix probes tenant A's and B's rows; these must stay out of reach)
+    keys.create(conn, tenant=None, role=keys.PLATFORM, name="probe", actor="t")
+    conn.execute(
+        "INSERT INTO device_claim_codes (code_sha256, mac, meter_kind, created_by)"
+        " VALUES (sha256('unclaimed'), '02:00:00:00:5c:01', 'water', 't')"
+    )
     conn.execute(
         "INSERT INTO alert_deliveries (alert_key, channel, status, attempts)"
         " VALUES ('probe', 'log', 'sent', 1)"
@@ -482,19 +523,39 @@ def attempt(conn: psycopg.Connection, statement: str, params=()) -> tuple[bool |
         return None, summary
 
 
-def statements(probe: Probe, tenant_id: int | None) -> dict[str, tuple[str, tuple]]:
+def statements(
+    probe: Probe, tenant_id: int | None, columns: list[str] | None = None
+) -> dict[str, tuple[str, tuple]]:
+    """The four statements on ``tenant_id``'s rows; the INSERT names ``columns`` only when the
+    role may insert some columns and not others (api_keys: never key_id or last_used_at)."""
     where, params = ("WHERE tenant_id = %s", (tenant_id,)) if probe.tenant_owned else ("", ())
     column = probe.column
+    listed = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    into = f" ({listed})" if columns else ""
     return {
         "select": (f"SELECT count(*) FROM {probe.relation} {where}", params),
         "insert": (
-            f"INSERT INTO {probe.relation} OVERRIDING SYSTEM VALUE"
-            f" SELECT * FROM {probe.rows[tenant_id]}",
+            f"INSERT INTO {probe.relation}{into} OVERRIDING SYSTEM VALUE"
+            f" SELECT {listed} FROM {probe.rows[tenant_id]}",
             (),
         ),
         "update": (f"UPDATE {probe.relation} SET {column} = {column} {where}", params),
         "delete": (f"DELETE FROM {probe.relation} {where}", params),
     }
+
+
+def insertable_columns(seeded: Seeded, grantee: str, relation: str) -> list[str] | None:
+    """The columns ``grantee`` may insert into ``relation`` when that is some but not all of
+    them (a column-level grant); None when it may insert every column or none."""
+    with psycopg.connect(seeded.url) as conn:
+        rows = conn.execute(
+            "SELECT attname, has_column_privilege(%s, attrelid, attnum, 'INSERT')"
+            "  FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+            "   AND NOT attisdropped ORDER BY attnum",
+            (grantee, relation),
+        ).fetchall()
+    granted = [name for name, allowed in rows if allowed]
+    return granted if 0 < len(granted) < len(rows) else None
 
 
 @contextmanager
@@ -504,7 +565,7 @@ def role_session(seeded: Seeded, role: str) -> Iterator[psycopg.Connection]:
         with seeded.connect_as(seeded.logins[0], autocommit=True) as conn:
             yield conn
         return
-    group = {"service": "app_rw", "auditor": "readonly_audit", "platform": "platform_rw"}[role]
+    group = ROLE_GRANTEES[role]
     with psycopg.connect(seeded.url, autocommit=True) as conn:
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(group)))
         if group == "app_rw":
@@ -520,15 +581,17 @@ def expected_allowed(reach: str, own: bool) -> bool:
 
 def mismatches_for(seeded: Seeded, probes: list[Probe], role: str) -> list[str]:
     found = []
+    grantee = ROLE_GRANTEES.get(role, seeded.logins[0])
     with role_session(seeded, role) as conn:
         for probe in probes:
             reach = probe.documented.access[role]
+            columns = insertable_columns(seeded, grantee, probe.relation)
             if not probe.tenant_owned and "own" in reach.values():
                 found.append(f"{probe.relation:40} {role:12} belongs to no tenant: no 'own'")
             for tenant_id in sorted(probe.rows, key=lambda tenant: tenant or 0):
                 own = tenant_id in (None, seeded.tenants[0])
                 label = "-" if tenant_id is None else ("A" if own else "B")
-                for operation, (statement, params) in statements(probe, tenant_id).items():
+                for operation, (statement, params) in statements(probe, tenant_id, columns).items():
                     allowed, outcome = attempt(conn, statement, params)
                     expected = expected_allowed(reach[operation], own)
                     if allowed is not expected:
@@ -826,6 +889,7 @@ def test_security_definer_functions_are_the_documented_ones(seeded, login_a):
         expected = {
             "PUBLIC": ["platform_rw", "app_rw", "readonly_audit", "tenant_reader"],
             "platform_rw": ["platform_rw"],
+            "app_rw": ["app_rw"],
             "owner": [],
             "trigger": ["platform_rw", "app_rw", "readonly_audit", "tenant_reader"],
         }[SECURITY_DEFINER[name]]
@@ -836,6 +900,11 @@ def test_security_definer_functions_are_the_documented_ones(seeded, login_a):
         "iiot_drop_telemetry_day(date)": "('2026-11-02')",
         "iiot_compress_telemetry_chunks(timestamp with time zone,integer)": "(now(), 1)",
         "iiot_usage_device_days_recompute(jsonb)": "('[]')",
+        "iiot_api_authenticate(bytea,text)": "('\\x00', NULL)",
+        "iiot_api_tenants(bytea)": "('\\x00')",
+        "iiot_api_claim_take(bytea)": "('\\x00')",
+        "iiot_api_claim_complete(bigint,integer)": "(1, 1)",
+        "iiot_api_lock_tenant()": "()",
     }
     for name, arguments in calls.items():
         assert refused(login_a, f"SELECT {name.split('(')[0]}{arguments}") is None, name
