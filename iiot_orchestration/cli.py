@@ -688,6 +688,7 @@ from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command 
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402
+from iiot_orchestration.cli_claim_codes import claim_codes_group  # noqa: E402
 from iiot_orchestration.cli_dagster import dagster_command  # noqa: E402
 from iiot_orchestration.cli_dead_letters import dead_letters_group  # noqa: E402
 from iiot_orchestration.cli_ingest_sessions import ingest_sessions_group  # noqa: E402
@@ -713,6 +714,7 @@ tenants.add_command(logins_group)
 main.add_command(dagster_command)
 main.add_command(api_command)
 main.add_command(api_keys_group)
+devices.add_command(claim_codes_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
