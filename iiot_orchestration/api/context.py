@@ -127,6 +127,10 @@ class Session:
             return cur.execute(sql, params).fetchone()
 
 
+def _a(role: str) -> str:
+    return f"{'an' if role[0] in 'aeiou' else 'a'} {role}"
+
+
 def _tenant_required() -> ApiError:
     return ApiError(
         400,
@@ -226,7 +230,7 @@ def open_session(
         if RANKS[role] < RANKS[minimum]:
             raise ApiError(
                 403,
-                f"a {role} key cannot do this: it needs a {minimum} key",
+                f"{_a(role)} key cannot do this: it needs {_a(minimum)} key",
                 code="forbidden",
             )
         if needs_tenant and tenant_id is None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from iiot_orchestration.api.errors import ApiError
+from iiot_orchestration.api.errors import ApiError, ErrorEnvelope
 
 router = APIRouter(tags=["operations"])
 
@@ -18,7 +19,7 @@ def live() -> dict[str, str]:
 @router.get(
     "/health/ready",
     summary="The database answers and the schema has the API's migration",
-    responses={503: {"description": "Not ready; the error says why"}},
+    responses={503: {"model": ErrorEnvelope, "description": "Not ready; the error says why"}},
 )
 def ready(request: Request) -> dict[str, str]:
     try:
@@ -37,7 +38,12 @@ def ready(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics: requests and latency by route and status")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: requests and latency by route and status",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST

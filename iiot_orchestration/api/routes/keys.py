@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from fastapi import Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from iiot_orchestration.api import keys
-from iiot_orchestration.api.context import Admin, Platform, Viewer
+from iiot_orchestration.api.context import Admin, AnyKey, Platform
 from iiot_orchestration.api.errors import ApiError, keyed_router, not_found
 from iiot_orchestration.api.pagination import Cursor, Limit, Page, decode, page
 from iiot_orchestration.errors import IiotError
@@ -45,7 +45,20 @@ class NewApiKey(BaseModel):
 class KeyRequest(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     role: Literal["viewer", "editor", "admin"]
-    expires_at: datetime | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="In the future; without a zone, UTC. Omit for no expiry."
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_the_future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if value <= datetime.now(UTC):
+            raise ValueError("the expiry must be in the future")
+        return value
 
 
 class Tenant(BaseModel):
@@ -66,7 +79,7 @@ def _key_row(s, key_id: int) -> dict:
 
 
 @router.get("/me", response_model=Me, summary="The key of this request")
-def me(s: Viewer) -> Me:
+def me(s: AnyKey) -> Me:
     return Me(key_id=s.key_id, role=s.role, name=s.key_name, tenant=s.tenant_slug)
 
 
