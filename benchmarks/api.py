@@ -11,10 +11,11 @@ interfere. Then:
   `COPY (SELECT ...) TO STDOUT WITH (FORMAT csv, HEADER)` of the same rows on a psycopg
   connection of the table's owner, read and discarded; best of ``IIOT_BENCH_API_REPEAT`` (3);
 - **latest**: `/api/v1/telemetry/latest` for 10 random meters (20 series) at 200 requests a
-  second, from 8 client threads sending 25 a second each on their own schedule, for
-  ``IIOT_BENCH_API_SECONDS`` (15), against the same query (telemetry.LATEST, as app_rw with the
-  tenant set) on 8 bare psycopg connections under the same load. A latency is measured from
-  the moment a request was due, so a server that falls behind is charged for it.
+  second (``IIOT_BENCH_API_RATE``), from 8 client threads each on its own schedule, for
+  ``IIOT_BENCH_API_SECONDS`` (15), against the same statement (telemetry.LATEST, as app_rw with
+  the tenant set) on 8 bare psycopg connections under the same load. A latency is measured from
+  the moment a request was due, so a server that falls behind is charged for it; "achieved" is
+  the rate the answers came at (below the offered rate: the server could not keep up).
 """
 
 import os
@@ -43,7 +44,7 @@ REPEAT = int(os.environ.get("IIOT_BENCH_API_REPEAT", "3"))
 SECONDS = float(os.environ.get("IIOT_BENCH_API_SECONDS", "15"))
 DEVICES = 200
 EXPORT_DEVICES = 100
-RATE = 200
+RATE = int(os.environ.get("IIOT_BENCH_API_RATE", "200"))
 CLIENTS = 8
 PER_REQUEST = 10
 EXPORT_START = datetime(2026, 10, 1, tzinfo=UTC)
@@ -163,9 +164,10 @@ def best_of(func: Callable[[], int]) -> tuple[float, int]:
 
 def under_load(
     request: Callable[[Any, list[int]], None], open_client: Callable, devices: list[int]
-) -> list[float]:
+) -> tuple[list[float], float]:
     """Latencies (s) of RATE requests a second from CLIENTS threads, each on its own schedule,
-    measured from when each request was due; each asks for PER_REQUEST random ``devices``."""
+    measured from when each request was due, and the rate achieved (requests a second until the
+    last answer); each request asks for PER_REQUEST random ``devices``."""
     latencies: list[float] = []
     lock = threading.Lock()
     start = time.perf_counter() + 0.5
@@ -191,7 +193,7 @@ def under_load(
         thread.start()
     for thread in threads:
         thread.join()
-    return latencies
+    return latencies, len(latencies) / (time.perf_counter() - start)
 
 
 def percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -199,7 +201,7 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return cuts[49] * 1000, cuts[98] * 1000
 
 
-def latest_bare(url: str, tenant_id: int, devices: list[int]) -> list[float]:
+def latest_bare(url: str, tenant_id: int, devices: list[int]) -> tuple[list[float], float]:
     def open_client():
         conn = psycopg.connect(url, autocommit=True)
         conn.execute("SET ROLE app_rw")
@@ -214,7 +216,7 @@ def latest_bare(url: str, tenant_id: int, devices: list[int]) -> list[float]:
     return under_load(request, open_client, devices)
 
 
-def latest_api(base: str, key: str, devices: list[int]) -> list[float]:
+def latest_api(base: str, key: str, devices: list[int]) -> tuple[list[float], float]:
     def open_client():
         return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
@@ -263,14 +265,14 @@ def main() -> None:
         f"latest reading of {PER_REQUEST} meters ({2 * PER_REQUEST} series), {RATE} requests/s "
         f"from {CLIENTS} clients for {SECONDS:g} s"
     )
-    print(f"{'case':<46}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'ratio p99':>10}")
-    bare_p99 = percentiles(bare_latencies)[1]
-    for label, latencies in (
+    print(f"{'case':<40}{'achieved/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'ratio p99':>10}")
+    bare_p99 = percentiles(bare_latencies[0])[1]
+    for label, (latencies, achieved) in (
         ("bare psycopg, the same query (baseline)", bare_latencies),
         ("GET /telemetry/latest", api_latencies),
     ):
         p50, p99 = percentiles(latencies)
-        print(f"{label:<46}{len(latencies):>9}{p50:>9.1f}{p99:>9.1f}{p99 / bare_p99:>10.2f}")
-    api_p99 = percentiles(api_latencies)[1]
+        print(f"{label:<40}{achieved:>11.0f}{p50:>9.1f}{p99:>9.1f}{p99 / bare_p99:>10.2f}")
+    api_p99 = percentiles(api_latencies[0])[1]
     verdict = "met" if api_p99 <= LATEST_TARGET * bare_p99 else "NOT met"
     print(f"target: p99 <= {LATEST_TARGET} x bare p99 -> {verdict}")

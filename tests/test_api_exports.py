@@ -244,10 +244,15 @@ def test_consumption_comes_from_the_marts_once_built(server, seeded):
     assert from_parquet == expected
 
 
-def test_an_export_over_the_row_limit_is_413(seeded, tmp_path):
+def test_exports_over_the_row_or_time_limit_are_refused(seeded, tmp_path):
     acme = seeded.acme
     allowed = 2 * 24 * 4  # acme's readings of 2026-11-02, exactly
-    limited = running_api(seeded.url, tmp_path, IIOT_API_EXPORT_MAX_ROWS=str(allowed))
+    limited = running_api(
+        seeded.url,
+        tmp_path,
+        IIOT_API_EXPORT_MAX_ROWS=str(allowed),
+        IIOT_API_EXPORT_TIMEOUT_SECONDS="3",
+    )
     with limited as server, server.client(acme.keys["viewer"]) as client:
         for fmt in ("csv", "parquet"):
             response = client.get("/api/v1/exports/telemetry", params={**RANGE, "format": fmt})
@@ -258,9 +263,17 @@ def test_an_export_over_the_row_limit_is_413(seeded, tmp_path):
             "/api/v1/exports/telemetry", params={"start": "2026-11-02", "end": "2026-11-03"}
         )
         hourly = client.get("/api/v1/exports/telemetry", params={**RANGE, "bucket": "hour"})
+        # a day's readings locked away: counting them waits, until the time limit
+        with psycopg.connect(seeded.url) as locker:
+            locker.execute("LOCK TABLE telemetry_p20261103 IN ACCESS EXCLUSIVE MODE")
+            stuck = client.get(
+                "/api/v1/exports/telemetry", params={"start": "2026-11-03", "end": "2026-11-04"}
+            )
     assert one_day.status_code == 200
     assert len(csv_rows(one_day)) == allowed
     assert hourly.status_code == 200
+    error = assert_envelope(stuck, 504, "timeout")
+    assert "IIOT_API_EXPORT_TIMEOUT_SECONDS (3 s)" in error["message"]
 
 
 def test_an_export_that_overruns_its_time_is_cut(seeded):
