@@ -124,7 +124,16 @@ def list_command(tenant: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(_json(rows))
         return
-    headers = ("id", "prefix", "tenant", "role", "name", "expires_at", "last_used_at", "revoked_at")
+    headers = (
+        "key_id",
+        "prefix",
+        "tenant",
+        "role",
+        "name",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
     click.echo(_table(headers, [[r[h] for h in headers] for r in rows]))
 
 

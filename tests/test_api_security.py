@@ -67,14 +67,6 @@ ALERT_COLUMNS = {
 }
 
 
-def known_hole(reason: str) -> pytest.MarkDecorator:
-    """A strict expected failure: a hole docs/security.md lists; its fix turns the test green,
-    and then the mark must go."""
-    return pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=f"known hole: {reason} (docs/security.md)"
-    )
-
-
 def digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
@@ -258,10 +250,6 @@ def test_the_service_reads_no_digest(world):
         assert conn.execute("SELECT count(key_sha256) FROM api_keys").fetchone()[0] == 7
 
 
-@known_hole(
-    "0005's default privileges give readonly_audit SELECT on every column of every new table, "
-    "so 0028's column grants for it change nothing"
-)
 def test_the_auditor_reads_no_digest(world):
     with as_role(world, "readonly_audit") as conn:
         found = {
@@ -429,11 +417,10 @@ def claim_id_of(world: World, what: str) -> int:
     )[0]
 
 
-@known_hole("app_rw registers any MAC for its tenant, one waiting for its claim code included")
 def test_a_mac_waiting_for_its_claim_code_is_registered_by_claiming_it_only(world):
     """Tenant A registers the MAC of the open claim code (as the API's POST /devices does, with
-    the registry's statement), or moves its own device onto it: the customer holding the code
-    could no longer claim the device, and its readings would land in tenant A."""
+    the registry's statement), or moves its own device onto it: refused as for a MAC another
+    tenant holds (migration 0032), or the customer holding the code could no longer claim it."""
     device_a = world.devices["apisec-a"][0]
     provision = query("provision_device")
     values = {"tenant_id": world.a, "mac": OPEN_MAC, "name": "mine", "meter_kind": "energy"}

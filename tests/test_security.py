@@ -93,6 +93,7 @@ SECURITY_DEFINER = {
     "iiot_api_claim_take(bytea)": "app_rw",
     "iiot_api_claim_complete(bigint,integer)": "app_rw",
     "iiot_api_lock_tenant()": "app_rw",
+    "iiot_mac_awaits_claim(macaddr,integer)": "app_rw",
 }
 
 
@@ -905,6 +906,7 @@ def test_security_definer_functions_are_the_documented_ones(seeded, login_a):
         "iiot_api_claim_take(bytea)": "('\\x00')",
         "iiot_api_claim_complete(bigint,integer)": "(1, 1)",
         "iiot_api_lock_tenant()": "()",
+        "iiot_mac_awaits_claim(macaddr,integer)": "('02:00:00:00:00:01', 1)",
     }
     for name, arguments in calls.items():
         assert refused(login_a, f"SELECT {name.split('(')[0]}{arguments}") is None, name

@@ -66,8 +66,12 @@ BEGIN
     END IF;
     PERFORM set_config('iiot.tenant_id', coalesce(chosen::text, ''), true);
     PERFORM set_config('iiot.actor', 'api-key:' || k.key_id, true);
+    -- SKIP LOCKED: the row stays locked until the request's transaction ends, and another
+    -- request of the same key (a long import, say) must not wait for it
     IF k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute' THEN
-        UPDATE api_keys a SET last_used_at = now() WHERE a.key_id = k.key_id;
+        UPDATE api_keys a SET last_used_at = now()
+         WHERE a.key_id = (SELECT b.key_id FROM api_keys b WHERE b.key_id = k.key_id
+                              FOR UPDATE SKIP LOCKED);
     END IF;
     RETURN QUERY SELECT k.key_id, chosen, slug_of, k.role, k.name, k.expires_at;
 END
@@ -207,3 +211,56 @@ ALTER TABLE alert_rules ADD CONSTRAINT alert_rules_device_of_tenant
 -- The tenant view of alerts gains the acknowledgement (views fix their columns when created).
 CREATE OR REPLACE VIEW tenant.alerts WITH (security_barrier) AS
 SELECT * FROM alerts WHERE tenant_id = (SELECT iiot_current_tenant());
+
+-- 4. What tests/test_api_security.py found ----------------------------------------------------
+-- 1. The auditor read the API's digests. 0005 gives readonly_audit SELECT on every new table of
+--    public (ALTER DEFAULT PRIVILEGES), so 0028's column grants, which leave the digests out,
+--    changed nothing for it. Revoking the table-level privilege revokes the column privileges
+--    too; the columns are granted again.
+REVOKE SELECT ON api_keys, device_claim_codes, device_secrets FROM readonly_audit;
+GRANT SELECT (key_id, tenant_id, prefix, role, name, created_by, created_at, expires_at,
+              last_used_at, revoked_at, replaced_by)
+   ON api_keys TO readonly_audit;
+GRANT SELECT (claim_id, mac, meter_kind, metrics, created_by, created_at, expires_at,
+              claimed_at, tenant_id, device_id)
+   ON device_claim_codes TO readonly_audit;
+GRANT SELECT (device_id, tenant_id, created_at) ON device_secrets TO readonly_audit;
+
+-- 2. A MAC waiting for its claim code could be registered by any tenant. app_rw inserts and
+--    updates its tenant's devices, so a tenant could take the MAC printed on a device another
+--    customer bought, before that customer claims it: the claim then failed as a duplicate MAC,
+--    and readings under that MAC would land in the squatter's tenant. A MAC that has a claim
+--    code is now registered only by the tenant that took the code (iiot_api_claim_take sets
+--    its tenant_id first) or by the platform. A refused INSERT inserts nothing, the answer
+--    the registry's statement (ON CONFLICT (mac) DO NOTHING) gives for a MAC another tenant
+--    holds, so the API says "duplicate MAC" either way and no tenant learns which MACs have
+--    codes; moving a device onto such a MAC is a unique violation, as for a taken MAC.
+CREATE FUNCTION iiot_mac_awaits_claim(device_mac macaddr, device_tenant integer)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM device_claim_codes c
+                    WHERE c.mac = device_mac AND c.tenant_id IS DISTINCT FROM device_tenant)
+$$;
+REVOKE EXECUTE ON FUNCTION iiot_mac_awaits_claim(macaddr, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION iiot_mac_awaits_claim(macaddr, integer) TO app_rw;
+
+-- The trigger runs as the writer (not SECURITY DEFINER), so that it can tell the platform
+-- (and migration_admin, and superusers: members of platform_rw) from app_rw.
+CREATE FUNCTION iiot_devices_claimed_mac() RETURNS trigger
+LANGUAGE plpgsql SET search_path = public, pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_has_role(current_user, 'platform_rw', 'USAGE') THEN
+        RETURN NEW;
+    END IF;
+    IF NOT iiot_mac_awaits_claim(NEW.mac, NEW.tenant_id) THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION 'duplicate key value violates unique constraint "devices_mac_key"'
+        USING ERRCODE = 'unique_violation', DETAIL = format('Key (mac)=(%s) already exists.', NEW.mac);
+END
+$$;
+CREATE TRIGGER devices_claimed_mac BEFORE INSERT OR UPDATE OF mac ON devices
+    FOR EACH ROW EXECUTE FUNCTION iiot_devices_claimed_mac();
