@@ -83,7 +83,7 @@ def fleet(conn, database_url, ingest_broker, tmp_path):
     )
     ready = f"http://127.0.0.1:{port}/health/ready"
     try:
-        assert wait_for(lambda: health(ready) == 200, 30), "iiot ingest did not become ready"
+        assert wait_for(lambda: health(ready) == 200, 120), "iiot ingest did not become ready"
         yield env, ready, daemon
     finally:
         daemon.send_signal(signal.SIGTERM)

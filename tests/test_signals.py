@@ -27,9 +27,14 @@ def test_ctrl_c_stops_simulate_after_its_messages_are_acknowledged(conn, cli_env
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(3)  # let it publish for a while before the Ctrl-C
+    # Ctrl-C once it publishes (its first progress line), not after a fixed sleep: on a loaded
+    # machine the interpreter may still be importing, before any handler is installed
+    seen = ""
+    while " acknowledged" not in seen and process.poll() is None:
+        seen += process.stdout.read(1)
+    time.sleep(1)  # let it publish for a while
     process.send_signal(signal.SIGINT)
-    output = process.communicate(timeout=60)[0]
+    output = seen + process.communicate(timeout=60)[0]
     assert process.returncode == 0, output
     assert "Done:" in output
     assert "Traceback" not in output
