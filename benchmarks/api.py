@@ -91,7 +91,7 @@ def load(url: str) -> tuple[int, str, list[int]]:
         key = keys.create(conn, tenant="bench", role="viewer", name="bench", actor="bench").key
         conn.commit()
         conn.autocommit = True
-        conn.execute("VACUUM ANALYZE telemetry")
+        conn.execute("VACUUM ANALYZE")
     return tenant.tenant_id, key, devices
 
 

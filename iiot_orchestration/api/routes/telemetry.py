@@ -173,7 +173,8 @@ def check_selection(s: Session, devices: list[int] | None, metrics: list[str] | 
 LATEST = """
 WITH unknown AS (
     SELECT (SELECT min(d) FROM unnest(%(devices)s::integer[]) d
-             WHERE NOT EXISTS (SELECT 1 FROM devices WHERE device_id = d)) AS device_id,
+             WHERE d <> ALL (ARRAY(SELECT device_id FROM devices
+                                    WHERE device_id = ANY(%(devices)s)))) AS device_id,
            (SELECT min(m) FROM unnest(%(metrics)s::text[]) m
              WHERE NOT EXISTS (SELECT 1 FROM metric_catalog c WHERE c.metric = m)) AS metric
 ), series AS (
