@@ -40,7 +40,7 @@ from iiot_orchestration.services import (
     start_broker,
     start_embedded_postgres,
 )
-from iiot_orchestration.settings import Settings, dagster_url_for, mask_password
+from iiot_orchestration.settings import Settings, dagster_url_for, describe, mask_password
 from iiot_orchestration.signals import stop_on_signals
 
 DEMO_TENANT = "demo"
@@ -55,6 +55,7 @@ STARTUP_TIMEOUT_S = 180
 ENV_FILE_NAME = "dev.env"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 INGEST_READY_TIMEOUT_S = 60
+API_READY_TIMEOUT_S = 60
 DEMO_RATE = 0.2  # messages per second per demo device
 _LOCATIONS_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
@@ -133,7 +134,7 @@ def _wait_for_webserver(
     while time.monotonic() < deadline and not stop.is_set():
         for name, process in stack.processes.items():
             if process.poll() is not None:
-                taken = _port_taken_message(host, port) if process is webserver else None
+                taken = DAGSTER_WEBSERVER.taken(host, port) if process is webserver else None
                 raise ServiceError(
                     f"{name} exited with code {process.returncode} during start-up"
                     + (f": {taken}" if taken else f"; see {log_dir / (name + '.log')}")
@@ -168,29 +169,45 @@ def _wait_for_webserver(
     raise ServiceError(f"the Dagster webserver did not load its code within {STARTUP_TIMEOUT_S} s")
 
 
-def _check_dagster_port(settings: Settings) -> None:
-    """Before anything starts: the webserver's port is the one fixed port of the stack (the
-    broker moves to a free port when 1883 is taken, the ingest metrics take any free one)."""
-    taken = _port_taken_message(settings.dagster_host, settings.dagster_port)
-    if taken:
-        raise ServiceError(taken)
+@dataclass(frozen=True)
+class _Listener:
+    """A server of the stack on a fixed port, and the variables that choose it."""
 
+    what: str
+    variable: str  # IIOT_DAGSTER, IIOT_API: <variable>_HOST and <variable>_PORT
 
-def _port_taken_message(host: str, port: int) -> str | None:
-    """Why the Dagster webserver cannot listen on ``host:port``, naming the variable to change;
-    None when it can."""
-    error = bind_error(host, port)
-    if error is None:
-        return None
-    if error.errno == errno.EADDRINUSE:
+    def taken(self, host: str, port: int) -> str | None:
+        """Why it cannot listen on ``host:port``, naming the variable to change; None when it
+        can."""
+        error = bind_error(host, port)
+        if error is None:
+            return None
+        if error.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} of {self.what} is taken{_holders(port)}: stop what listens "
+                f"there, or set {self.variable}_PORT to a free port"
+            )
         return (
-            f"port {port} of the Dagster webserver is taken{_holders(port)}: stop what listens "
-            "there, or set IIOT_DAGSTER_PORT to a free port"
+            f"{self.what} cannot listen on {host}:{port} ({error.strerror}): "
+            f"check {self.variable}_HOST and {self.variable}_PORT"
         )
-    return (
-        f"the Dagster webserver cannot listen on {host}:{port} ({error.strerror}): "
-        "check IIOT_DAGSTER_HOST and IIOT_DAGSTER_PORT"
-    )
+
+
+DAGSTER_WEBSERVER = _Listener("the Dagster webserver", "IIOT_DAGSTER")
+TENANT_API = _Listener("the tenant API", "IIOT_API")
+
+
+def _check_ports(settings: Settings, *, dagster: bool) -> None:
+    """Before anything starts: the webserver's and the API's ports are the fixed ports of the
+    stack (the broker moves to a free port when 1883 is taken, the ingest metrics take any free
+    one)."""
+    listeners = [(TENANT_API, settings.api_host, settings.api_port)]
+    if dagster:
+        listeners.insert(0, (DAGSTER_WEBSERVER, settings.dagster_host, settings.dagster_port))
+    for listener, host, port in listeners:
+        taken = listener.taken(host, port)
+        if taken:
+            raise ServiceError(taken)
 
 
 def _holders(port: int) -> str:
@@ -214,6 +231,10 @@ def _dagster_env(settings: Settings, stack: DevStack) -> dict[str, str]:
         IIOT_DAGSTER_DATABASE_URL=stack.dagster_database_url,
         IIOT_MQTT_URL=stack.mqtt_url,
         IIOT_MAX_CONCURRENT_RUNS=str(settings.max_concurrent_runs),
+    )
+    # the API's settings, effective values: another shell sees where the API listens
+    env.update(
+        {name: value for name, value, _ in describe(settings) if name.startswith("IIOT_API_")}
     )
     for name in _unset_variables(stack):
         env.pop(name, None)
@@ -353,13 +374,14 @@ def run_dev_stack(
     # the handlers stay until everything has stopped, so a second Ctrl-C cannot cut it short
     with stop_on_signals() as stop, ExitStack() as cleanup:
         try:
-            if dagster:
-                _check_dagster_port(settings)
+            _check_ports(settings, dagster=dagster)
             stack = _start(settings, data_dir, cleanup, echo)
             # unwound first: the processes stop before the broker and the database
             cleanup.callback(_stop_processes, stack.processes, echo)
             _start_ingest(settings, stack, echo, stop)
-            if dagster:
+            if not stop.is_set():
+                _start_api(settings, stack, echo, stop)
+            if dagster and not stop.is_set():
                 _start_dagster(settings, stack, cleanup, echo, stop)
             if not stop.is_set():
                 env_file = _write_env_file(settings, stack, dagster=dagster)
@@ -368,6 +390,8 @@ def run_dev_stack(
                 echo(f"  . {shlex.quote(str(env_file))}")
                 if dagster:
                     echo("or run the Dagster CLI with it: iiot dagster <command> [options]")
+                for line in _api_banner(settings):
+                    echo(line)
                 echo("Ready. Press Ctrl-C to stop.")
             while not stop.is_set():
                 failed = [n for n, p in stack.processes.items() if p.poll() is not None]
@@ -527,6 +551,69 @@ def _wait_for_ingest(
                 f"see {log_dir / 'ingest.log'}"
             )
         stop.wait(0.2)
+
+
+def _local(host: str) -> str:
+    """Where to reach a server listening on ``host``: a wildcard address is reached locally."""
+    wildcards = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - not a bind
+    return wildcards.get(host, host)
+
+
+def _api_address(settings: Settings) -> str:
+    host = _local(settings.api_host)
+    return f"{f'[{host}]' if ':' in host else host}:{settings.api_port}"
+
+
+def api_url(settings: Settings) -> str:
+    """The API's base URL as a client on this machine reaches it."""
+    return f"http://{_api_address(settings)}"
+
+
+def _start_api(
+    settings: Settings, stack: DevStack, echo: Callable[[str], None], stop: threading.Event
+) -> None:
+    """`iiot api` on IIOT_API_HOST:IIOT_API_PORT, once its /health/ready answers 200 (the
+    database answers and has the API's migration) from this child, not another server."""
+    log_dir = stack.dagster_home.parent / "logs"
+    iiot = [sys.executable, "-m", "iiot_orchestration.cli"]
+    api = stack.processes["api"] = _spawn(
+        "api", [*iiot, "api"], _dagster_env(settings, stack), Path.cwd(), log_dir
+    )
+    ready = f"http://{_api_address(settings)}/health/ready"
+    deadline = time.monotonic() + API_READY_TIMEOUT_S
+    while not stop.is_set():
+        if api.poll() is not None:
+            taken = TENANT_API.taken(settings.api_host, settings.api_port)
+            raise ServiceError(
+                f"the tenant API exited with code {api.returncode} during start-up"
+                + (f": {taken}" if taken else f"; see {log_dir / 'api.log'}")
+            )
+        # answered first, then ours: a child that binds in between is not taken for another
+        if port_open(_local(settings.api_host), settings.api_port, timeout=0.2):
+            if not listens_on(api.pid, settings.api_port):
+                raise ServiceError(
+                    f"another process answers on {settings.api_host}:{settings.api_port}, not "
+                    f"the tenant API started here (pid {api.pid}){_holders(settings.api_port)}: "
+                    "stop it, or set IIOT_API_PORT to a free port"
+                )
+            with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=2) as answer:
+                if answer.status == 200:
+                    echo(f"Tenant API started (log {log_dir / 'api.log'})")
+                    return
+        if time.monotonic() > deadline:
+            raise ServiceError(
+                f"the tenant API was not ready within {API_READY_TIMEOUT_S} s; "
+                f"see {log_dir / 'api.log'}"
+            )
+        stop.wait(0.2)
+
+
+def _api_banner(settings: Settings) -> list[str]:
+    base = api_url(settings)
+    return [
+        f"Tenant API: {base}/api/v1  (docs {base}/api/v1/docs, metrics {base}/metrics)",
+        f"  a key: iiot api-keys create --tenant {DEMO_TENANT} --role viewer --name dev",
+    ]
 
 
 def _prepare_dagster_storage(

@@ -17,6 +17,8 @@ import paho.mqtt.subscribe as subscribe
 import psycopg
 import pytest
 
+from iiot_orchestration import dev
+from iiot_orchestration.api import keys
 from iiot_orchestration.dev import (
     DEMO_DEVICES,
     DEMO_TENANT,
@@ -31,7 +33,7 @@ from iiot_orchestration.services import (
     port_open,
     start_mosquitto,
 )
-from iiot_orchestration.settings import dagster_url_for
+from iiot_orchestration.settings import dagster_url_for, load_settings
 from tests.conftest import REPO_ROOT, drop_database
 
 START_TIMEOUT_S = 300
@@ -97,9 +99,13 @@ def wait_for(lines: queue.Queue, seen: list[str], marker: str, timeout: float) -
 
 @pytest.mark.stack
 def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
-    port = free_port()
+    port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(IIOT_DATA_DIR=str(tmp_path / "var"), IIOT_DAGSTER_PORT=str(port))
+    env.update(
+        IIOT_DATA_DIR=str(tmp_path / "var"),
+        IIOT_DAGSTER_PORT=str(port),
+        IIOT_API_PORT=str(api_port),
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "iiot_orchestration.cli", "dev"],
         cwd=REPO_ROOT,
@@ -138,6 +144,7 @@ def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
         assert devices == len(DEMO_DEVICES)
         # on mosquitto and on amqtt alike (MQTT 3.1.1, plain topic filter)
         assert "simulated fleet started" in output
+        check_the_api(output, database_url, api_port)
         with psycopg.connect(database_url, autocommit=True) as conn:
             landed = lambda: conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]  # noqa: E731
             deadline = time.monotonic() + 120
@@ -157,8 +164,26 @@ def test_iiot_dev_runs_the_stack_and_stops_on_ctrl_c(tmp_path):
     assert process.returncode == 0, "\n".join(seen)
     assert "Stopped." in seen
     assert not port_open("127.0.0.1", port)
+    assert not port_open("127.0.0.1", api_port)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(database_url, connect_timeout=3)
+
+
+def check_the_api(output: str, database_url: str, api_port: int) -> None:
+    """The banner names the API and its docs; it answers a key of the demo tenant."""
+    base = f"http://127.0.0.1:{api_port}"
+    assert f"Tenant API: {base}/api/v1  (docs {base}/api/v1/docs" in output, output
+    with urllib.request.urlopen(f"{base}/health/ready", timeout=30) as response:
+        assert json.load(response) == {"status": "ready"}
+    with urllib.request.urlopen(f"{base}/api/v1/docs", timeout=30) as response:
+        assert b"swagger-ui" in response.read()
+    with psycopg.connect(database_url) as conn:
+        key = keys.create(conn, tenant=DEMO_TENANT, role="viewer", name="dev test", actor="test")
+    request = urllib.request.Request(
+        f"{base}/api/v1/me", headers={"Authorization": f"Bearer {key.key}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.load(response)["tenant"] == DEMO_TENANT
 
 
 def start_dev(env: dict[str, str], *args: str) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
@@ -208,7 +233,11 @@ def test_iiot_dev_loses_nothing_acknowledged_across_restarts(tmp_path, database_
     acknowledged to the simulator landed, the broker keeps its port and persistence file."""
     data_dir = tmp_path / "var"
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    env.update(
+        IIOT_DATA_DIR=str(data_dir),
+        IIOT_DATABASE_URL=database_url,
+        IIOT_API_PORT=str(free_port()),
+    )
     urls = []
     for _ in range(3):
         before = readings_and_dead_letters(database_url)[0]
@@ -242,7 +271,11 @@ def test_iiot_dev_stops_on_a_broker_start_error(tmp_path, database_url):
     data_dir = tmp_path / "var"
     (data_dir / "mosquitto" / "mosquitto.db").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    env.update(
+        IIOT_DATA_DIR=str(data_dir),
+        IIOT_DATABASE_URL=database_url,
+        IIOT_API_PORT=str(free_port()),
+    )
     process, lines, seen = start_dev(env, "--no-dagster")
     try:
         wait_for(lines, seen, "Stopped.", START_TIMEOUT_S)
@@ -264,7 +297,11 @@ def test_iiot_dev_stops_the_broker_a_killed_run_left(tmp_path, database_url):
     leftover = start_mosquitto(data_dir / "mosquitto")  # its port, data directory, pid file
     (data_dir / "mosquitto" / "port").write_text(f"{leftover.port}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
-    env.update(IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url)
+    env.update(
+        IIOT_DATA_DIR=str(data_dir),
+        IIOT_DATABASE_URL=database_url,
+        IIOT_API_PORT=str(free_port()),
+    )
     try:
         process, lines, seen = start_dev(env, "--no-dagster")
         try:
@@ -348,7 +385,10 @@ def test_iiot_dev_creates_dagster_storage_once_and_shares_its_environment(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env.update(
-        IIOT_DATA_DIR=str(data_dir), IIOT_DATABASE_URL=database_url, IIOT_DAGSTER_PORT=str(port)
+        IIOT_DATA_DIR=str(data_dir),
+        IIOT_DATABASE_URL=database_url,
+        IIOT_DAGSTER_PORT=str(port),
+        IIOT_API_PORT=str(free_port()),
     )
     other_shell = {k: v for k, v in env.items() if k not in ("IIOT_DATABASE_URL",)}
     env_file = data_dir / "dev.env"
@@ -375,10 +415,14 @@ def test_iiot_dev_creates_dagster_storage_once_and_shares_its_environment(
             "IIOT_DAGSTER_DATABASE_URL",
             "IIOT_MQTT_URL",
             "IIOT_MAX_CONCURRENT_RUNS",
+            "IIOT_API_HOST",
+            "IIOT_API_PORT",
+            "IIOT_API_RATE_PER_SECOND",
         ):
             assert any(line.startswith(f"{name}=") for line in sourced), (name, sourced)
         assert f"DAGSTER_HOME={data_dir / 'dagster_home'}" in sourced
         assert f"IIOT_DATABASE_URL={database_url}" in sourced
+        assert f"IIOT_API_PORT={env['IIOT_API_PORT']}" in sourced
 
         materialized = iiot(
             other_shell,
@@ -498,6 +542,38 @@ def test_iiot_dev_stops_at_once_when_its_dagster_port_is_taken(tmp_path, other_d
     assert not (tmp_path / "var" / "pgdata").exists()
 
 
+def test_iiot_dev_stops_at_once_when_its_api_port_is_taken(tmp_path, other_dagster):
+    """Another server on IIOT_API_PORT (the fake Dagster will do): `iiot dev` names the port,
+    its holder and IIOT_API_PORT before it starts anything."""
+    port, pid = other_dagster
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(
+        IIOT_DATA_DIR=str(tmp_path / "var"),
+        IIOT_DAGSTER_PORT=str(free_port()),
+        IIOT_API_PORT=str(port),
+    )
+    result = iiot(env, "dev")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: port {port} of the tenant API is taken by pid {pid} (" in result.stdout
+    assert "set IIOT_API_PORT to a free port" in result.stdout
+    assert "Database:" not in result.stdout
+    assert not (tmp_path / "var" / "pgdata").exists()
+
+
+def test_iiot_dev_names_the_api_host_it_cannot_listen_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
+    env.update(
+        IIOT_DATA_DIR=str(tmp_path / "var"),
+        IIOT_DAGSTER_PORT=str(free_port()),
+        IIOT_API_HOST="192.0.2.1",
+        IIOT_API_PORT="8123",
+    )
+    result = iiot(env, "dev", "--no-dagster")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot listen on 192.0.2.1:8123 (Cannot assign requested address)" in result.stdout
+    assert "check IIOT_API_HOST and IIOT_API_PORT" in result.stdout
+
+
 def test_iiot_dev_names_the_host_it_cannot_listen_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IIOT_")}
     env.update(IIOT_DATA_DIR=str(tmp_path / "var"), IIOT_DAGSTER_HOST="192.0.2.1")
@@ -524,6 +600,28 @@ def test_ready_is_only_for_the_webserver_started_here(tmp_path, other_dagster):
     assert f"another process answers on 127.0.0.1:{port}" in message
     assert f"not the dagster-webserver started here (pid {ours.pid}) by pid {pid} (" in message
     assert "set IIOT_DAGSTER_PORT to a free port" in message
+
+
+def test_the_api_is_ready_only_when_the_one_started_here_answers(
+    tmp_path, other_dagster, monkeypatch
+):
+    """IIOT_API_PORT was free when `iiot dev` checked it, and another server took it before our
+    API bound it: its answers are not taken for ours."""
+    port, pid = other_dagster
+    ours = subprocess.Popen(["sleep", "60"])  # alive, listening nowhere
+    monkeypatch.setattr(dev, "_spawn", lambda *args: ours)
+    settings = load_settings({"IIOT_API_PORT": str(port), "IIOT_DATA_DIR": str(tmp_path)})
+    stack = DevStack("", "", "", tmp_path / "dagster_home")
+    try:
+        with pytest.raises(ServiceError) as raised:
+            dev._start_api(settings, stack, print, threading.Event())
+    finally:
+        ours.kill()
+        ours.wait()
+    message = str(raised.value)
+    assert f"another process answers on 127.0.0.1:{port}" in message
+    assert f"not the tenant API started here (pid {ours.pid}) by pid {pid} (" in message
+    assert "set IIOT_API_PORT to a free port" in message
 
 
 def test_mosquitto_reports_a_bad_configuration_line(tmp_path):
