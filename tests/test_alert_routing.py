@@ -72,7 +72,7 @@ def test_every_alert_fires_on_a_synthetic_series_and_stays_quiet_on_a_normal_one
 def test_every_rule_has_severity_component_and_an_existing_runbook():
     for name, rule in rules().items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
-        assert rule["labels"]["component"] in ("ingest", "dagster"), name
+        assert rule["labels"]["component"] in ("ingest", "dagster", "api"), name
         runbook = rule["annotations"]["runbook_url"]
         assert runbook.startswith("docs/runbooks/"), name
         text = (ROOT / runbook).read_text()

@@ -1,5 +1,5 @@
-"""The Prometheus rules and the Grafana dashboard refer only to metrics the ingest daemon
-exports and to tables that exist; their SQL runs."""
+"""The Prometheus rules and the Grafana dashboard refer only to metrics the ingest daemon, the
+tenant API and `iiot dagster-metrics` export and to tables that exist; their SQL runs."""
 
 import json
 import re
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from iiot_orchestration.api.app import Metrics as ApiMetrics
 from ingest_daemon.metrics import IngestMetrics
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
@@ -20,10 +21,14 @@ DAGSTER_NAMES = {"iiot_dagster_runs", "iiot_dagster_last_success_timestamp_secon
 def exported_names() -> set[str]:
     metrics = IngestMetrics()
     metrics.dead_letters.labels(reason="bad_json").inc()  # labelled families show samples
+    api = ApiMetrics()  # the tenant API's /metrics
+    api.requests.labels("/api/v1/me", "GET", "200").inc()
+    api.latency.labels("/api/v1/me", "GET").observe(0.01)
     names = set()
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            names.add(sample.name)
+    for registry in (metrics.registry, api.registry):
+        for family in registry.collect():
+            for sample in family.samples:
+                names.add(sample.name)
     return names | DAGSTER_NAMES
 
 
@@ -101,3 +106,21 @@ def test_dagster_run_outcomes_as_metrics():
     assert 'iiot_dagster_runs{job="fragile",status="FAILURE"} 1.0' in text
     assert 'iiot_dagster_last_success_timestamp_seconds{job="steady"}' in text
     assert 'iiot_dagster_last_success_timestamp_seconds{job="fragile"}' not in text
+
+
+def test_the_api_is_scraped_alerted_on_and_on_the_dashboard():
+    from iiot_orchestration.settings import load_settings
+
+    defaults = load_settings({})
+    config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    (targets,) = [c["targets"] for c in jobs["iiot-api"]["static_configs"]]
+    assert targets == [f"{defaults.api_host}:{defaults.api_port}"]
+    assert jobs["iiot-api"].get("metrics_path", "/metrics") == "/metrics"
+    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    assert {"ApiDown", "ApiServerErrors"} <= alerts
+    dashboard = json.loads((OPS / "grafana" / "iiot-ingest.json").read_text())
+    exprs = [t.get("expr", "") for panel in dashboard["panels"] for t in panel["targets"]]
+    assert any("iiot_api_requests_total" in e and "by (status)" in e for e in exprs)
+    assert any("iiot_api_request_duration_seconds_bucket" in e and "route" in e for e in exprs)
