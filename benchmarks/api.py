@@ -11,24 +11,23 @@ interfere. Then:
   `COPY (SELECT ...) TO STDOUT WITH (FORMAT csv, HEADER)` of the same rows on a psycopg
   connection of the table's owner, read and discarded; best of ``IIOT_BENCH_API_REPEAT`` (3);
 - **latest**: `/api/v1/telemetry/latest` for 10 random meters (20 series) at 200 requests a
-  second (``IIOT_BENCH_API_RATE``), from 8 client threads each on its own schedule, for
+  second (``IIOT_BENCH_API_RATE``), from 8 client processes each on its own schedule, for
   ``IIOT_BENCH_API_SECONDS`` (15), against the same statement (telemetry.LATEST, as app_rw with
   the tenant set) on 8 bare psycopg connections under the same load. A latency is measured from
   the moment a request was due, so a server that falls behind is charged for it; "achieved" is
   the rate the answers came at (below the offered rate: the server could not keep up).
 """
 
+import multiprocessing
 import os
 import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import psycopg
@@ -162,70 +161,89 @@ def best_of(func: Callable[[], int]) -> tuple[float, int]:
     return min(runs)
 
 
-def under_load(
-    request: Callable[[Any, list[int]], None], open_client: Callable, devices: list[int]
-) -> tuple[list[float], float]:
-    """Latencies (s) of RATE requests a second from CLIENTS threads, each on its own schedule,
-    measured from when each request was due, and the rate achieved (requests a second until the
-    last answer); each request asks for PER_REQUEST random ``devices``."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    start = time.perf_counter() + 0.5
+class BareClient:
+    """The same statement as the API's, on a psycopg connection of app_rw scoped to the tenant."""
+
+    def __init__(self, url: str, tenant_id: int) -> None:
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.conn.execute("SET ROLE app_rw")
+        self.conn.execute("SELECT set_config('iiot.tenant_id', %s, false)", (str(tenant_id),))
+
+    def latest(self, devices: list[int]) -> None:
+        params = telemetry.latest_params(devices, None, [0, ""], 1000)
+        assert len(self.conn.execute(telemetry.LATEST, params).fetchall()) == 2 * PER_REQUEST
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class ApiClient:
+    def __init__(self, base: str, key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        self.http = httpx.Client(base_url=base, headers=headers, timeout=30)
+
+    def latest(self, devices: list[int]) -> None:
+        response = self.http.get("/api/v1/telemetry/latest", params={"device_id": devices})
+        response.raise_for_status()
+        assert len(response.json()["items"]) == 2 * PER_REQUEST
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def client_process(
+    n: int, kind: str, target: tuple, devices: list[int], ready, start, answers
+) -> None:
+    """One client: RATE / CLIENTS requests a second from ``start`` (wall clock, set once every
+    client is ready), each for PER_REQUEST random ``devices``; its (due, latency) pairs go to
+    ``answers``."""
+    client = BareClient(*target) if kind == "bare" else ApiClient(*target)
+    rng = random.Random(n)
     interval = CLIENTS / RATE
+    ready.wait()  # every client connected
+    ready.wait()  # and the start set
+    due = start.value + n * interval / CLIENTS
+    mine = []
+    try:
+        while due < start.value + SECONDS:
+            pause = due - time.time()
+            if pause > 0:
+                time.sleep(pause)
+            client.latest(rng.sample(devices, PER_REQUEST))
+            mine.append((due, time.time() - due))
+            due += interval
+    finally:
+        client.close()
+        answers.put(mine)
 
-    def client_thread(n: int) -> None:
-        rng = random.Random(n)
-        mine = []
-        with open_client() as client:
-            due = start + n * interval / CLIENTS
-            while due < start + SECONDS:
-                pause = due - time.perf_counter()
-                if pause > 0:
-                    time.sleep(pause)
-                request(client, rng.sample(devices, PER_REQUEST))
-                mine.append(time.perf_counter() - due)
-                due += interval
-        with lock:
-            latencies.extend(mine)
 
-    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return latencies, len(latencies) / (time.perf_counter() - start)
+def under_load(kind: str, target: tuple, devices: list[int]) -> tuple[list[float], float]:
+    """Latencies (s) of RATE requests a second from CLIENTS processes (so that the clients do
+    not share an interpreter lock), each on its own schedule, measured from when each request
+    was due, and the rate achieved (requests a second until the last answer)."""
+    context = multiprocessing.get_context("spawn")
+    ready, start, answers = context.Barrier(CLIENTS + 1), context.Value("d", 0.0), context.Queue()
+    processes = [
+        context.Process(
+            target=client_process, args=(n, kind, target, devices, ready, start, answers)
+        )
+        for n in range(CLIENTS)
+    ]
+    for process in processes:
+        process.start()
+    ready.wait()
+    start.value = time.time() + 0.2
+    ready.wait()
+    pairs = [pair for _ in processes for pair in answers.get()]
+    for process in processes:
+        process.join()
+    last = max(due + latency for due, latency in pairs)
+    return [latency for _, latency in pairs], len(pairs) / (last - start.value)
 
 
 def percentiles(latencies: list[float]) -> tuple[float, float]:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return cuts[49] * 1000, cuts[98] * 1000
-
-
-def latest_bare(url: str, tenant_id: int, devices: list[int]) -> tuple[list[float], float]:
-    def open_client():
-        conn = psycopg.connect(url, autocommit=True)
-        conn.execute("SET ROLE app_rw")
-        conn.execute("SELECT set_config('iiot.tenant_id', %s, false)", (str(tenant_id),))
-        return conn
-
-    def request(conn, devices: list[int]) -> None:
-        conn.execute(
-            telemetry.LATEST, telemetry.latest_params(devices, None, [0, ""], 1000)
-        ).fetchall()
-
-    return under_load(request, open_client, devices)
-
-
-def latest_api(base: str, key: str, devices: list[int]) -> tuple[list[float], float]:
-    def open_client():
-        return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
-    def request(client, devices: list[int]) -> None:
-        response = client.get("/api/v1/telemetry/latest", params={"device_id": devices})
-        response.raise_for_status()
-        assert len(response.json()["items"]) == 2 * PER_REQUEST
-
-    return under_load(request, open_client, devices)
 
 
 def main() -> None:
@@ -244,9 +262,9 @@ def main() -> None:
             csv_s, csv_rows = best_of(lambda: api_export(client, end, "csv"))
             parquet_s, parquet_bytes = best_of(lambda: api_export(client, end, "parquet"))
             assert bare_rows == csv_rows == EXPORT_ROWS, (bare_rows, csv_rows)
-            bare_latencies = latest_bare(url, tenant_id, devices)
-            latest_api(base, key, devices)  # warm up the server's threads and plans
-            api_latencies = latest_api(base, key, devices)
+            bare_latencies = under_load("bare", (url, tenant_id), devices)
+            under_load("api", (base, key), devices)  # warm up the server's pool and plans
+            api_latencies = under_load("api", (base, key), devices)
 
     print(f"export of {EXPORT_ROWS:,} readings (best of {REPEAT})")
     print(f"{'case':<46}{'seconds':>9}{'rows/s':>12}{'ratio':>8}")
