@@ -32,6 +32,9 @@ _MAC_FORMS = (
     re.compile(r"^[0-9a-f]{12}$"),
 )
 _FORMULA_START = ("=", "+", "-", "@")
+INVALID, DUPLICATE, QUOTA = "invalid", "duplicate", "quota"
+# a tenant session's answer for a MAC registered anywhere: it never learns whose it is
+REGISTERED = "duplicate MAC: already registered"
 
 
 class RegistryError(IiotError):
@@ -197,6 +200,8 @@ class ProvisionResult:
     status: str  # provisioned, skipped or rejected
     message: str
     device_id: int | None = None
+    reason: str | None = None  # why provision_devices rejected it: INVALID, DUPLICATE or QUOTA
+    audit: tuple[str, dict[str, Any]] | None = None  # a quota refusal's audit row: action, detail
 
 
 @dataclass
@@ -354,16 +359,27 @@ def provision_devices(
     requests: Sequence[DeviceRequest],
     *,
     actor: str = "cli",
+    audit_refusals: bool = True,
 ) -> list[ProvisionResult]:
     """Register devices for a tenant in one transaction, one result per request.
 
     A MAC already registered to the same tenant with the same meter kind is skipped, so a CSV
     can be re-run safely. Starter and pro tenants are refused devices beyond the plan's quota,
     and any new device while they are over their storage quota (billing.enforce_storage_quota).
+    Each quota refusal is audited (the audit row becomes a quota_blocked billing event) unless
+    ``audit_refusals`` is false: then the caller records them with ``record_refusals`` once it
+    has rolled back what it must.
+
+    Runs as the platform (the CLI) or as a tenant session (the tenant API: app_rw scoped to
+    ``tenant`` by iiot.tenant_id, under row security). A tenant session gets one answer for a MAC
+    registered anywhere, never whether another tenant has it.
     """
     results: list[ProvisionResult] = []
     with conn.transaction():
         set_actor(conn, actor)
+        platform = _lock_tenant(conn, tenant)
+        # after the lock, in a statement of its own (READ COMMITTED): the count sees every
+        # device of the provisioning that held the lock before
         with conn.cursor(row_factory=dict_row) as cur:
             owner = cur.execute(query("tenant_for_provisioning"), {"tenant": tenant}).fetchone()
         if owner is None:
@@ -382,7 +398,10 @@ def provision_devices(
                 request = validate_request(raw)
                 valid.append((request, _metrics_for(request, catalog)))
             except RegistryError as exc:
-                results.append(ProvisionResult(raw.line, raw.mac[:40], "rejected", str(exc)))
+                results.append(
+                    ProvisionResult(raw.line, raw.mac[:40], "rejected", str(exc), reason=INVALID)
+                )
+        # a tenant session sees its own devices only: other MACs conflict on insert
         registered = {
             mac: rest
             for mac, *rest in conn.execute(
@@ -390,94 +409,101 @@ def provision_devices(
             )
         }
         for request, metrics in valid:
-            existing = registered.get(request.mac)
+            line, mac = request.line, request.mac
+            existing = registered.get(mac)
             if existing is not None:
                 device_id, kind, tenant_id = existing
                 if tenant_id == owner["tenant_id"] and kind == request.meter_kind:
                     results.append(
-                        ProvisionResult(
-                            request.line, request.mac, "skipped", "already provisioned", device_id
-                        )
+                        ProvisionResult(line, mac, "skipped", "already provisioned", device_id)
                     )
+                    continue
+                if not platform:
+                    message = REGISTERED
                 elif tenant_id == owner["tenant_id"]:
-                    results.append(
-                        ProvisionResult(
-                            request.line,
-                            request.mac,
-                            "rejected",
-                            f"duplicate MAC: already registered here as a {kind} meter",
-                        )
-                    )
+                    message = f"duplicate MAC: already registered here as a {kind} meter"
                 else:
-                    results.append(
-                        ProvisionResult(
-                            request.line,
-                            request.mac,
-                            "rejected",
-                            "duplicate MAC: already registered to another tenant",
-                        )
-                    )
+                    message = "duplicate MAC: already registered to another tenant"
+                results.append(ProvisionResult(line, mac, "rejected", message, reason=DUPLICATE))
                 continue
-            if owner["hard_block"] and owner["storage_blocked_at"] is not None:
+            refusal = _quota_refusal(owner, count)
+            if refusal is not None:
+                message, audit_row = refusal
                 results.append(
-                    ProvisionResult(
-                        request.line,
-                        request.mac,
-                        "rejected",
-                        f"storage quota exceeded: plan {owner['plan_id']} blocks new devices "
-                        f"since {owner['storage_blocked_at']:%Y-%m-%d %H:%M %Z} until storage is "
-                        "under the quota again (docs/billing.md)",
-                    )
-                )
-                audit(
-                    conn,
-                    actor=actor,
-                    action="quota.storage_blocked",
-                    entity="device",
-                    entity_id=request.mac,
-                    tenant_id=owner["tenant_id"],
-                    detail={"plan": owner["plan_id"]},
-                )
-                continue
-            if owner["hard_block"] and count >= owner["included_devices"]:
-                results.append(
-                    ProvisionResult(
-                        request.line,
-                        request.mac,
-                        "rejected",
-                        f"device quota reached: plan {owner['plan_id']} includes "
-                        f"{owner['included_devices']} devices and the tenant has {count}",
-                    )
-                )
-                audit(
-                    conn,
-                    actor=actor,
-                    action="quota.device_blocked",
-                    entity="device",
-                    entity_id=request.mac,
-                    tenant_id=owner["tenant_id"],
-                    detail={"plan": owner["plan_id"], "devices": count},
+                    ProvisionResult(line, mac, "rejected", message, reason=QUOTA, audit=audit_row)
                 )
                 continue
             device_id = _insert_device(conn, owner["tenant_id"], request, metrics, actor)
-            registered[request.mac] = [device_id, request.meter_kind, owner["tenant_id"]]
+            registered[mac] = [device_id, request.meter_kind, owner["tenant_id"]]
             if device_id is None:
-                results.append(
-                    ProvisionResult(
-                        request.line,
-                        request.mac,
-                        "rejected",
-                        "duplicate MAC: registered by someone else a moment ago",
-                    )
+                message = (
+                    "duplicate MAC: registered by someone else a moment ago"
+                    if platform
+                    else REGISTERED
                 )
+                results.append(ProvisionResult(line, mac, "rejected", message, reason=DUPLICATE))
                 continue
             count += 1
-            results.append(
-                ProvisionResult(
-                    request.line, request.mac, "provisioned", ", ".join(metrics), device_id
-                )
-            )
+            results.append(ProvisionResult(line, mac, "provisioned", ", ".join(metrics), device_id))
+        if audit_refusals:
+            record_refusals(conn, results, tenant_id=owner["tenant_id"], actor=actor)
     return results
+
+
+def _lock_tenant(conn: psycopg.Connection, tenant: str) -> bool:
+    """Lock the tenant's row until the transaction ends, so that two provisionings of one
+    tenant count its devices one after the other; True when the session is the platform.
+
+    The platform (platform_rw and its members: migration_admin, superusers) locks the row
+    FOR UPDATE. A tenant session (app_rw), which may not (no UPDATE on tenants since 0022), locks
+    its own tenant's row through iiot_api_lock_tenant() (0029)."""
+    if conn.execute("SELECT pg_has_role(current_user, 'platform_rw', 'USAGE')").fetchone()[0]:
+        conn.execute(query("lock_tenant_for_provisioning"), {"tenant": tenant})
+        return True
+    if not conn.execute("SELECT iiot_api_lock_tenant()").fetchone()[0]:
+        raise RegistryError("the session has no tenant: set iiot.tenant_id (db.set_tenant)")
+    return False
+
+
+def _quota_refusal(
+    owner: dict[str, Any], count: int
+) -> tuple[str, tuple[str, dict[str, Any]]] | None:
+    """Why the plan refuses one more device, and the audit row that records it."""
+    if not owner["hard_block"]:
+        return None
+    plan = owner["plan_id"]
+    if owner["storage_blocked_at"] is not None:
+        return (
+            f"storage quota exceeded: plan {plan} blocks new devices since "
+            f"{owner['storage_blocked_at']:%Y-%m-%d %H:%M %Z} until storage is under the quota "
+            "again (docs/billing.md)",
+            ("quota.storage_blocked", {"plan": plan}),
+        )
+    if count >= owner["included_devices"]:
+        return (
+            f"device quota reached: plan {plan} includes {owner['included_devices']} devices "
+            f"and the tenant has {count}",
+            ("quota.device_blocked", {"plan": plan, "devices": count}),
+        )
+    return None
+
+
+def record_refusals(
+    conn: psycopg.Connection, results: Sequence[ProvisionResult], *, tenant_id: int, actor: str
+) -> None:
+    """The audit rows of the quota refusals among ``results``."""
+    for result in results:
+        if result.audit is not None:
+            action, detail = result.audit
+            audit(
+                conn,
+                actor=actor,
+                action=action,
+                entity="device",
+                entity_id=result.mac,
+                tenant_id=tenant_id,
+                detail=detail,
+            )
 
 
 def _insert_device(

@@ -1,6 +1,12 @@
+import threading
+import time
+
+import psycopg
 import pytest
+from psycopg import sql
 
 from iiot_orchestration import registry
+from iiot_orchestration.db import set_tenant
 from iiot_orchestration.registry import (
     MAX_CSV_BYTES,
     MAX_CSV_ROWS,
@@ -251,6 +257,91 @@ def test_decommissioned_devices_free_quota(conn):
     conn.execute("UPDATE devices SET status = 'decommissioned' WHERE mac = '02:00:00:00:00:00'")
     [result] = registry.provision_devices(conn, "acme", _macs(1, prefix="02:00:00:01"))
     assert result.status == "provisioned"
+
+
+def _provision_as(conn, role, tenant, requests):
+    """provision_devices in the transaction of ``conn`` (not autocommit; the caller commits) as
+    ``role`` (None: the login itself), app_rw scoped to the tenant as the API scopes it."""
+    assert not conn.autocommit
+    conn.execute("SELECT 1")  # the transaction begins: provision_devices' is a savepoint in it
+    if role is not None:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+    if role == "app_rw":
+        set_tenant(conn, tenant.tenant_id)
+    return registry.provision_devices(conn, tenant.slug, requests, actor="test")
+
+
+@pytest.mark.parametrize("role", [None, "platform_rw", "app_rw"])
+def test_concurrent_provisionings_never_pass_the_quota(conn, database_url, role):
+    """The second provisioning waits for the first's tenant lock and then counts the device the
+    first committed: one of two devices for the last place is refused."""
+    tenant = make_tenant(conn)
+    registry.provision_devices(conn, "acme", _macs(tenant.included_devices - 1))
+    results = {}
+    with psycopg.connect(database_url) as first, psycopg.connect(database_url) as second:
+        # the first holds the tenant's lock until it commits (its connection's transaction)
+        results["first"] = _provision_as(first, role, tenant, _macs(1, prefix="02:00:00:01"))
+
+        def provision_second():
+            try:
+                results["second"] = _provision_as(
+                    second, role, tenant, _macs(1, prefix="02:00:00:02")
+                )
+                second.commit()
+            except BaseException as exc:  # shown by the assertions below
+                results["second"] = exc
+
+        thread = threading.Thread(target=provision_second)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while conn.execute(
+            "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE pid = %s",
+            (second.info.backend_pid,),
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, "the second provisioning never waited"
+            assert thread.is_alive(), results
+            time.sleep(0.02)
+        first.commit()
+        thread.join(30)
+    assert [r.status for r in results["first"]] == ["provisioned"]
+    [refused] = results["second"]
+    assert (refused.status, refused.message) == (
+        "rejected",
+        f"device quota reached: plan starter includes {tenant.included_devices} devices and the "
+        f"tenant has {tenant.included_devices}",
+    )
+    devices = conn.execute("SELECT count(*) FROM devices").fetchone()[0]
+    assert devices == tenant.included_devices
+
+
+def test_a_tenant_session_is_never_told_whose_mac_it_is(conn, database_url):
+    """As the tenant API provisions (app_rw under row security): one message for a MAC of
+    another tenant and for one of its own as another meter kind."""
+    acme, other = make_tenant(conn, "acme"), make_tenant(conn, "other")
+    registry.provision_devices(conn, "acme", [DeviceRequest("aa:bb:cc:00:00:07", "gas")])
+    registry.provision_devices(conn, "other", [DeviceRequest("aa:bb:cc:00:00:08", "gas")])
+    with psycopg.connect(database_url) as session:
+        results = _provision_as(
+            session,
+            "app_rw",
+            acme,
+            [
+                DeviceRequest("aa:bb:cc:00:00:07", "gas", line=1),
+                DeviceRequest("aa:bb:cc:00:00:07", "water", line=2),
+                DeviceRequest("aa:bb:cc:00:00:08", "gas", line=3),
+                DeviceRequest("aa:bb:cc:00:00:09", "gas", line=4),
+            ],
+        )
+        with pytest.raises(RegistryError, match="unknown tenant 'other'"):  # not its own
+            registry.provision_devices(
+                session, other.slug, [DeviceRequest("02:00:00:00:00:0a", "gas")]
+            )
+    assert [(r.status, r.message, r.reason) for r in results[:3]] == [
+        ("skipped", "already provisioned", None),
+        ("rejected", "duplicate MAC: already registered", registry.DUPLICATE),
+        ("rejected", "duplicate MAC: already registered", registry.DUPLICATE),
+    ]
+    assert results[3].status == "provisioned"
 
 
 GOOD_CSV = b"""mac,meter_kind,name,metrics

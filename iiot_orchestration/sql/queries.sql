@@ -13,7 +13,13 @@ SELECT t.tenant_id, t.slug, t.name, t.plan_id, t.timezone, t.locale,
  GROUP BY t.tenant_id, p.plan_id
  ORDER BY t.slug
 
+-- name: lock_tenant_for_provisioning
+-- The platform's lock (a tenant session's is iiot_api_lock_tenant()). Not in the statement that
+-- counts the devices: that statement's snapshot would be taken before it waited for the lock.
+SELECT 1 FROM tenants WHERE slug = %(tenant)s FOR UPDATE
+
 -- name: tenant_for_provisioning
+-- After the lock, so that the count includes what the previous holder committed.
 SELECT t.tenant_id, t.status, p.plan_id, p.included_devices, p.hard_block,
        t.storage_blocked_at,
        (SELECT count(*) FROM devices d
@@ -21,7 +27,6 @@ SELECT t.tenant_id, t.status, p.plan_id, p.included_devices, p.hard_block,
   FROM tenants t
   JOIN plans p USING (plan_id)
  WHERE t.slug = %(tenant)s
-   FOR UPDATE OF t
 
 -- name: device_summaries
 SELECT d.device_id, t.slug AS tenant, d.mac::text AS mac, d.name, d.meter_kind, d.status,

@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from iiot_orchestration import registry
-from iiot_orchestration.api import claims, provisioning
+from iiot_orchestration.api import claims
 from iiot_orchestration.api.context import Editor, Session, Viewer
 from iiot_orchestration.api.errors import ApiError, envelope, keyed_router, not_found
 from iiot_orchestration.api.pagination import Cursor, Limit, Page, decode, page
-from iiot_orchestration.registry import DeviceRequest, RegistryError
+from iiot_orchestration.registry import DeviceRequest, ProvisionResult, RegistryError
 
 router = keyed_router("devices")
 
@@ -121,15 +121,26 @@ def _invalid(exc: RegistryError, field: str) -> ApiError:
     )
 
 
-def _refused(request: Request, outcome: provisioning.Outcome) -> JSONResponse:
+def _provision(
+    s: Session, requests: list[DeviceRequest], *, audit_refusals: bool = True
+) -> list[ProvisionResult]:
+    """The registry's provisioning in the request's transaction (app_rw, the key's tenant)."""
+    s.tenant()  # a platform key names the tenant
+    assert s.tenant_slug is not None
+    return registry.provision_devices(
+        s.conn, s.tenant_slug, requests, actor=s.actor, audit_refusals=audit_refusals
+    )
+
+
+def _refused(request: Request, outcome: ProvisionResult) -> JSONResponse:
     """A device refused as an error response, so that the transaction still commits: a quota
     refusal's audit row and billing event stay."""
-    if outcome.reason == provisioning.INVALID:
+    if outcome.reason == registry.INVALID:
         raise _invalid(RegistryError(outcome.message), "body")
-    if outcome.reason == provisioning.QUOTA:
+    if outcome.reason == registry.QUOTA:
         return envelope(request, 409, "quota_exceeded", outcome.message)
     # the tenant's own device or anyone else's: one answer
-    return envelope(request, 409, "conflict", f"MAC {outcome.mac}: {provisioning.DUPLICATE}")
+    return envelope(request, 409, "conflict", f"MAC {outcome.mac}: {registry.REGISTERED}")
 
 
 @router.get("/devices", response_model=Page[Device], summary="The tenant's devices")
@@ -180,7 +191,7 @@ def get_device(s: Viewer, device_id: int) -> dict:
 def create_device(s: Editor, body: NewDevice, request: Request) -> Any:
     new = DeviceRequest(body.mac, body.meter_kind, body.name, tuple(body.metrics or ()))
     try:
-        (outcome,) = provisioning.provision(s.conn, s.tenant(), [new], actor=s.actor)
+        (outcome,) = _provision(s, [new])
     except RegistryError as exc:
         raise ApiError(409, str(exc), code="conflict") from None
     if outcome.status != "provisioned":
@@ -283,13 +294,11 @@ def import_devices(
         if line:
             details[0]["line"] = int(line.group(1))
         raise ApiError(422, str(exc), code="validation_error", details=details) from None
-    outcomes: list[registry.ProvisionResult] = list(parsed.rejected)
+    outcomes: list[ProvisionResult] = list(parsed.rejected)
     if parsed.requests:
         try:
             with s.conn.transaction() as savepoint:
-                outcomes += provisioning.provision(
-                    s.conn, s.tenant(), parsed.requests, actor=s.actor
-                )
+                outcomes += _provision(s, parsed.requests)
                 if dry_run:
                     raise psycopg.Rollback(savepoint)
         except RegistryError as exc:
@@ -334,9 +343,7 @@ def claim_device(s: Editor, body: ClaimRequest, request: Request) -> Any:
                 404, "claim code not found, expired or claimed already", code="not_found"
             )
         new = DeviceRequest(claim.mac, claim.meter_kind, name, claim.metrics)
-        (outcome,) = provisioning.provision(
-            s.conn, tenant, [new], actor=s.actor, audit_refusals=False
-        )
+        (outcome,) = _provision(s, [new], audit_refusals=False)
         if outcome.device_id is None or outcome.status != "provisioned":
             raise psycopg.Rollback(savepoint)  # the code stays unclaimed
         secret = claims.complete(s.conn, claim, outcome.device_id)
@@ -344,5 +351,5 @@ def claim_device(s: Editor, body: ClaimRequest, request: Request) -> Any:
             "device.claimed", "device", outcome.device_id, claim_id=claim.claim_id, mac=claim.mac
         )
         return {"device_secret": secret, "device": _device(s, outcome.device_id)}
-    provisioning.record_refusals(s.conn, [outcome], tenant_id=tenant, actor=s.actor)
+    registry.record_refusals(s.conn, [outcome], tenant_id=tenant, actor=s.actor)
     return _refused(request, outcome)
