@@ -184,6 +184,9 @@ def test_monthly_consumption_and_the_device_comparison(built):
     ("path", "params", "status", "code"),
     [
         ("/api/v1/consumption/daily", {"from": "2026-11-31"}, 422, "validation_error"),
+        # a number is no date (pydantic's lax mode took it for a Unix timestamp: 1970-01-01)
+        ("/api/v1/consumption/daily", {"to": "0"}, 422, "validation_error"),
+        ("/api/v1/consumption/daily", {"from": "1767225600"}, 422, "validation_error"),
         ("/api/v1/consumption/daily", {"device_id": "x"}, 422, "validation_error"),
         ("/api/v1/consumption/daily", {"device_id": 2**40}, 422, "validation_error"),
         ("/api/v1/consumption/daily", {"unit": "W"}, 422, "validation_error"),

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from iiot_orchestration.api.context import Session, Viewer
 from iiot_orchestration.api.errors import ApiError, keyed_router
 from iiot_orchestration.api.pagination import Cursor, Limit, Page, decode, page
+from iiot_orchestration.api.params import IsoDate
 from iiot_orchestration.reports.units import to_resolution
 
 router = keyed_router("consumption")
@@ -163,8 +164,8 @@ def daily(
     cursor: Cursor = None,
     device_id: DeviceId = None,
     unit: Unit = None,
-    from_: Annotated[date | None, Query(alias="from", description="First local day.")] = None,
-    to: Annotated[date | None, Query(description="Last local day (inclusive).")] = None,
+    from_: Annotated[IsoDate | None, Query(alias="from", description="First local day.")] = None,
+    to: Annotated[IsoDate | None, Query(description="Last local day (inclusive).")] = None,
 ) -> dict:
     filters = {"device": device_id, "unit": unit, "first": from_, "last": to}
     counts = ("readings", "hours_with_data", "counter_resets")
