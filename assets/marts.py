@@ -7,6 +7,7 @@ as shell exports, for running dbt by hand (docs/marts.md).
 """
 
 import getpass
+import json
 import os
 import shlex
 import sys
@@ -32,6 +33,7 @@ with warnings.catch_warnings():
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt_models"
 MARTS_GROUP = "marts"
+REGISTRY_GROUP = "registry"  # the dbt sources no Dagster asset writes (external_sources)
 MARTS_FRESHNESS = dg.FreshnessPolicy.time_window(
     fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
 )
@@ -135,6 +137,46 @@ class MartsTranslator(DagsterDbtTranslator):
         """Each model's spec, with the marts' freshness policy: rebuilt daily at 00:45 UTC."""
         spec = super().get_asset_spec(manifest, unique_id, project)
         return dg.apply_freshness_policy(spec, MARTS_FRESHNESS)
+
+
+def external_sources(
+    manifest: Mapping[str, Any], translator: DagsterDbtTranslator
+) -> list[dg.AssetSpec]:
+    """The dbt sources a model reads that no Dagster asset writes (no ``meta.dagster.asset_key``
+    in dbt_models' sources, unlike the rollups): external assets of the `registry` group, under
+    the keys dagster-dbt gives the models' dependencies. Without them the UI's lineage shows those
+    keys as stubs outside every group."""
+    read = {
+        parent
+        for node, parents in manifest["parent_map"].items()
+        if node.startswith("model.")
+        for parent in parents
+    }
+    specs = []
+    for unique_id in sorted(read & manifest["sources"].keys()):
+        source = manifest["sources"][unique_id]
+        if "asset_key" in (source.get("meta") or {}).get("dagster", {}):
+            continue  # a Dagster asset's table: the dependency is that asset
+        key = translator.get_asset_spec(manifest, unique_id, DBT_PROJECT).key
+        specs.append(
+            dg.AssetSpec(
+                key,
+                group_name=REGISTRY_GROUP,
+                kinds={"postgres"},
+                owners=["team:platform"],
+                description=f"{source['description'].strip()} Table {source['schema']}."
+                f"{source['name']}, written by the iiot CLI and API (docs/schema.md); read by the "
+                f"marts as the dbt source {source['source_name']}.{source['name']}.",
+            )
+        )
+    return specs
+
+
+# an AssetsDefinition of the specs (external: nothing to execute), not the specs themselves,
+# so that load_assets_from_modules finds it with the marts
+registry_sources = dg.AssetsDefinition(
+    specs=external_sources(json.loads(DBT_PROJECT.manifest_path.read_text()), MartsTranslator())
+)
 
 
 @dbt_assets(

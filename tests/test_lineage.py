@@ -46,6 +46,23 @@ def test_raw_telemetry_is_the_root_of_one_lineage():
     assert len(data_assets) > 15  # rollups, marts, billing and reports are all in it
 
 
+def test_every_asset_has_a_group_and_the_registry_feeds_the_marts():
+    """No asset floats outside every group in the UI's lineage: the registry tables the dbt
+    marts read as sources are external assets of the `registry` group (no "default")."""
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    expected = DATA_GROUPS | {"registry", "alerts", "backups", "certificates"}
+    assert {name: group for name, group in groups.items() if group not in expected} == {}
+    registry_tables = {name for name, group in groups.items() if group == "registry"}
+    assert registry_tables == {"registry/metric_catalog", "registry/tenants"}
+    for name in registry_tables:
+        node = graph.get(dg.AssetKey.from_user_string(name))
+        assert not node.is_materializable  # the CLI and the API write them, not Dagster
+        assert node.description
+        assert node.owners
+        assert dg.AssetKey("consumption_daily") in node.child_keys
+
+
 def land(database_url: str, device: tuple[int, int], received: list[datetime]) -> None:
     """Readings through the real ingest writer, one message each, received at ``received``."""
     tenant_id, device_id = device
