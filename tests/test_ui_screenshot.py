@@ -191,7 +191,7 @@ FIT = re.compile(
 def test_fit_graph_fills_the_window_with_every_asset_group(dagster_ui, tmp_path):
     """The README's picture: the navigation and the group sidebar hidden, every group's node
     inside the view, the graph as large as the view allows (before, Dagster's own fit of the
-    narrower view left it at a third of the window, beside the sidebar)."""
+    narrower view left it beside the sidebar at two thirds of this size)."""
     from iiot_orchestration.definitions import defs
 
     graph = defs.resolve_asset_graph()
