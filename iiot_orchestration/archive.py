@@ -18,19 +18,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iiot_orchestration import filestore
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.manifests import strict_json_object
 
@@ -232,99 +231,17 @@ def _time(data: dict[str, Any], key: str) -> datetime:
 # Stores
 
 
-class Store:
-    """Where archives live: a local directory or an fsspec file system, behind one interface."""
+class Store(filestore.Store):
+    """Where archives live: a local directory or an fsspec file system (filestore.py)."""
 
-    root: str
-
-    def describe(self, relative: str) -> str:
-        return f"{self.root.rstrip('/')}/{relative}"
-
-    def read_bytes(self, relative: str, limit: int | None = None) -> bytes:
-        raise NotImplementedError
-
-    def exists(self, relative: str) -> bool:
-        raise NotImplementedError
-
-    def write_atomic(self, relative: str, chunks: Iterable[bytes]) -> None:
-        """Write ``chunks`` to a temporary name beside ``relative``, then rename it."""
-        raise NotImplementedError
-
-    def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
-        raise NotImplementedError
-
-    def publish(self, temporary: str, relative: str) -> None:
-        raise NotImplementedError
-
-    def discard(self, temporary: str) -> None:
-        raise NotImplementedError
+    error = ArchiveError
 
     def day_dirs(self, tenant_id: int | None = None) -> list[str]:
         """Archive directories (relative), of one tenant or all."""
         raise NotImplementedError
 
 
-class LocalStore(Store):
-    def __init__(self, root: Path) -> None:
-        self.root = str(root)
-        self._root = Path(root)
-
-    def _path(self, relative: str) -> Path:
-        return self._root / relative
-
-    def read_bytes(self, relative: str, limit: int | None = None) -> bytes:
-        path = self._path(relative)
-        try:
-            if path.is_symlink():
-                raise ArchiveError(f"{path} is a symbolic link; archives are plain files")
-            if limit is not None and path.stat().st_size > limit:
-                raise ArchiveError(f"{path} is larger than {limit:,} bytes")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ArchiveError(f"{path}: missing") from None
-        except OSError as exc:
-            raise ArchiveError(f"{path} cannot be read: {exc.strerror or exc}") from None
-
-    def exists(self, relative: str) -> bool:
-        return self._path(relative).exists()
-
-    def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
-        target = self._path(relative)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-            return str(temporary), temporary.open("xb")
-        except OSError as exc:
-            raise ArchiveError(f"cannot write {target}: {exc.strerror or exc}") from None
-
-    def publish(self, temporary: str, relative: str) -> None:
-        target = self._path(relative)
-        try:
-            with open(temporary, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, target)
-            fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise ArchiveError(f"cannot write {target}: {exc.strerror or exc}") from None
-
-    def discard(self, temporary: str) -> None:
-        Path(temporary).unlink(missing_ok=True)
-
-    def write_atomic(self, relative: str, chunks: Iterable[bytes]) -> None:
-        temporary, f = self.open_temporary(relative)
-        try:
-            with f:
-                for chunk in chunks:
-                    f.write(chunk)
-            self.publish(temporary, relative)
-        except BaseException:
-            self.discard(temporary)
-            raise
-
+class LocalStore(filestore.LocalStore, Store):
     def day_dirs(self, tenant_id: int | None = None) -> list[str]:
         base = self._root / "telemetry"
         pattern = f"tenant_id={tenant_id}/day=*" if tenant_id else "tenant_id=*/day=*"
@@ -336,71 +253,7 @@ class LocalStore(Store):
         return found
 
 
-class FsspecStore(Store):
-    def __init__(self, url: str) -> None:
-        try:
-            import fsspec
-        except ImportError:  # pragma: no cover - fsspec comes with dagster today
-            raise ArchiveError(
-                f"IIOT_ARCHIVE_ROOT={url} needs fsspec: "
-                "pip install 'iiot-orchestration[archive-s3]'"
-            ) from None
-        try:
-            self.fs, path = fsspec.core.url_to_fs(url)
-        except (ImportError, ValueError) as exc:
-            raise ArchiveError(
-                f"IIOT_ARCHIVE_ROOT={url}: {str(exc).splitlines()[0][:200]} (install the "
-                "archive-s3 extra for s3://)"
-            ) from None
-        self.root = url.rstrip("/")
-        self._base = path.rstrip("/")
-
-    def _path(self, relative: str) -> str:
-        return f"{self._base}/{relative}"
-
-    def read_bytes(self, relative: str, limit: int | None = None) -> bytes:
-        try:
-            if limit is not None and self.fs.size(self._path(relative)) > limit:
-                raise ArchiveError(f"{self.describe(relative)} is larger than {limit:,} bytes")
-            return self.fs.cat_file(self._path(relative))
-        except FileNotFoundError:
-            raise ArchiveError(f"{self.describe(relative)}: missing") from None
-        except OSError as exc:
-            raise ArchiveError(f"{self.describe(relative)} cannot be read: {exc}") from None
-
-    def exists(self, relative: str) -> bool:
-        return bool(self.fs.exists(self._path(relative)))
-
-    def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
-        folder, _, name = self._path(relative).rpartition("/")
-        temporary = f"{folder}/.{name}.{secrets.token_hex(4)}.tmp"
-        try:
-            self.fs.makedirs(folder, exist_ok=True)
-            return temporary, self.fs.open(temporary, "wb")
-        except OSError as exc:
-            raise ArchiveError(f"cannot write {self.describe(relative)}: {exc}") from None
-
-    def publish(self, temporary: str, relative: str) -> None:
-        try:
-            self.fs.mv(temporary, self._path(relative))
-        except OSError as exc:
-            raise ArchiveError(f"cannot write {self.describe(relative)}: {exc}") from None
-
-    def discard(self, temporary: str) -> None:
-        if self.fs.exists(temporary):
-            self.fs.rm(temporary)
-
-    def write_atomic(self, relative: str, chunks: Iterable[bytes]) -> None:
-        temporary, f = self.open_temporary(relative)
-        try:
-            with f:
-                for chunk in chunks:
-                    f.write(chunk)
-            self.publish(temporary, relative)
-        except BaseException:
-            self.discard(temporary)
-            raise
-
+class FsspecStore(filestore.FsspecStore, Store):
     def day_dirs(self, tenant_id: int | None = None) -> list[str]:
         pattern = f"tenant_id={tenant_id}/day=*" if tenant_id else "tenant_id=*/day=*"
         found = []
@@ -427,8 +280,8 @@ def open_store(root: str | Path) -> Store:
     """The store for IIOT_ARCHIVE_ROOT: a URL with a scheme goes to fsspec, anything else is a
     local directory."""
     text = str(root)
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) and not text.startswith("file://"):
-        return FsspecStore(text)
+    if filestore.is_url(text):
+        return FsspecStore(text, "IIOT_ARCHIVE_ROOT")
     return LocalStore(Path(text.removeprefix("file://")).expanduser())
 
 

@@ -1,5 +1,6 @@
 """An invoice as a PDF (reportlab) and an XLSX workbook (openpyxl), written atomically under
-``<reports root>/<tenant>/<period>/invoice.<ext>``."""
+``<reports root>/<tenant>/<period>/invoice.<ext>``; the reports root is a local directory or an
+fsspec URL (filestore.py), where the files are rendered locally and uploaded."""
 
 from __future__ import annotations
 
@@ -10,22 +11,28 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from iiot_orchestration.billing import Invoice, Tenant
+from iiot_orchestration import filestore
+from iiot_orchestration.billing import BillingError, Invoice, Tenant
+from iiot_orchestration.reports.files import staged_file
 
 MONEY_FORMAT = "#,##0.00"
 
 
 @dataclass(frozen=True)
 class Exported:
-    pdf: Path
-    xlsx: Path
+    pdf: Path | str  # URLs under a remote reports root
+    xlsx: Path | str
 
 
-def invoice_dir(root: Path, who: Tenant, invoice: Invoice) -> Path:
-    return Path(root) / who.slug / f"{invoice.period.label:%Y-%m}"
+def invoice_dir(root: Path | str, who: Tenant, invoice: Invoice) -> Path | str:
+    return filestore.join(root, who.slug, f"{invoice.period.label:%Y-%m}")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def _atomic(path: Path | str, write: Callable[[Path], None]) -> Path | str:
+    if not isinstance(path, Path):
+        with staged_file(path, error=BillingError) as temporary:
+            write(temporary)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -53,7 +60,7 @@ def _generated(who: Tenant) -> str:
     return datetime.now(ZoneInfo(who.timezone)).strftime(f"%Y-%m-%d %H:%M ({who.timezone})")
 
 
-def write_pdf(path: Path, who: Tenant, invoice: Invoice) -> Path:
+def write_pdf(path: Path | str, who: Tenant, invoice: Invoice) -> Path | str:
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.styles import getSampleStyleSheet
@@ -135,7 +142,7 @@ def write_pdf(path: Path, who: Tenant, invoice: Invoice) -> Path:
     return _atomic(path, write)
 
 
-def write_xlsx(path: Path, who: Tenant, invoice: Invoice) -> Path:
+def write_xlsx(path: Path | str, who: Tenant, invoice: Invoice) -> Path | str:
     from openpyxl import Workbook
     from openpyxl.styles import Font
 
@@ -197,9 +204,8 @@ def write_xlsx(path: Path, who: Tenant, invoice: Invoice) -> Path:
     return _atomic(path, write)
 
 
-def export(root: Path, who: Tenant, invoice: Invoice) -> Exported:
-    folder = invoice_dir(root, who, invoice)
+def export(root: Path | str, who: Tenant, invoice: Invoice) -> Exported:
     return Exported(
-        write_pdf(folder / "invoice.pdf", who, invoice),
-        write_xlsx(folder / "invoice.xlsx", who, invoice),
+        write_pdf(filestore.join(invoice_dir(root, who, invoice), "invoice.pdf"), who, invoice),
+        write_xlsx(filestore.join(invoice_dir(root, who, invoice), "invoice.xlsx"), who, invoice),
     )

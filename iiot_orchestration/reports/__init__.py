@@ -22,7 +22,7 @@ from iiot_orchestration.reports.data import (
     load_report,
     parse_period,
 )
-from iiot_orchestration.reports.files import FORMATS, atomic_file, report_path
+from iiot_orchestration.reports.files import FORMATS, report_path, staged_file
 from iiot_orchestration.reports.pdf import estimated_pages, render_pdf
 from iiot_orchestration.reports.xlsx import build_sheets, count_rows, render_xlsx
 
@@ -46,7 +46,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class ReportFile:
     format: str
-    path: Path
+    path: Path | str  # a URL under a remote reports root
     size: int
     pages: int | None = None  # PDF
     rows: int | None = None  # XLSX data rows
@@ -59,7 +59,7 @@ def work_units(report: ConsumptionReport, fmt: str) -> int:
 
 def write_report(
     report: ConsumptionReport,
-    root: Path,
+    root: Path | str,
     formats: Sequence[str] = FORMATS,
     progress: Progress | None = None,
 ) -> list[ReportFile]:
@@ -72,7 +72,7 @@ def write_report(
                 progress(fmt, done, total)
 
         try:
-            with atomic_file(path) as temporary:
+            with staged_file(path) as temporary:
                 if fmt == "pdf":
                     pdf = render_pdf(report, temporary, step)
                     found = ReportFile("pdf", path, pdf.size, pages=pdf.pages)
@@ -90,7 +90,7 @@ def make_reports(
     conn: psycopg.Connection,
     slug: str,
     period: Period,
-    root: Path,
+    root: Path | str,
     formats: Sequence[str] = FORMATS,
     *,
     now: datetime | None = None,

@@ -11,7 +11,7 @@ import psycopg
 
 from iiot_orchestration.partitions import PARTITIONS_START
 from iiot_orchestration.reports.data import Period, queries
-from iiot_orchestration.reports.files import FORMATS, report_path
+from iiot_orchestration.reports.files import FORMATS, report_exists
 
 # A month closes at local midnight; the marts build of 00:45 UTC after it, and the report run
 # after that, are done well within this.
@@ -40,7 +40,7 @@ def closed_months(created_at: datetime, timezone: str, until: datetime) -> list[
 
 
 def missing_reports(
-    conn: psycopg.Connection, root: Path, now: datetime
+    conn: psycopg.Connection, root: Path | str, now: datetime
 ) -> tuple[int, list[MissingReport]]:
     """(reports expected, the missing ones): every active tenant, every month closed more than
     DUE_AFTER ago, a PDF and an XLSX under the reports root."""
@@ -50,7 +50,7 @@ def missing_reports(
         for month in closed_months(created_at, timezone, now - DUE_AFTER):
             expected += 1
             absent = tuple(
-                fmt for fmt in FORMATS if not report_path(root, slug, month.label, fmt).is_file()
+                fmt for fmt in FORMATS if not report_exists(root, slug, month.label, fmt)
             )
             if absent:
                 missing.append(MissingReport(slug, month.label, absent))

@@ -18,7 +18,9 @@ from pathlib import Path
 import psycopg
 from openpyxl import load_workbook
 
+from iiot_orchestration.filestore import StoreError
 from iiot_orchestration.reports.data import METER_KINDS, ConsumptionReport, queries
+from iiot_orchestration.reports.files import local_report
 from iiot_orchestration.reports.labels import Labels, parse_number
 from iiot_orchestration.reports.units import to_resolution
 
@@ -156,23 +158,24 @@ def compare(expected: Totals, found: Totals, tolerance: float, what: str) -> lis
 
 
 def verify_files(
-    conn: psycopg.Connection, report: ConsumptionReport, files: dict[str, Path]
+    conn: psycopg.Connection, report: ConsumptionReport, files: dict[str, Path | str]
 ) -> dict[str, list[str]]:
     """Per written format, how its totals differ from the marts (empty lists: all agree)."""
     expected = mart_totals(conn, report)
     labels = report.labels
     problems: dict[str, list[str]] = {}
-    for fmt, path in files.items():
+    for fmt, location in files.items():
         try:
-            if fmt == "xlsx":
-                found = read_xlsx(path, labels)
-                problems[fmt] = compare(expected, found, XLSX_TOLERANCE, path.name)
-                if sum(found.devices.values()) != len(report.devices):
-                    problems[fmt].append(f"{path.name}: device counts do not add up")
-            else:
-                found = read_pdf(path, labels, report.units)
-                by_kind = Totals(by_kind=expected.by_kind)
-                problems[fmt] = compare(by_kind, found, PDF_TOLERANCE, path.name)
-        except UnreadableReport as exc:
+            with local_report(location) as path:
+                if fmt == "xlsx":
+                    found = read_xlsx(path, labels)
+                    problems[fmt] = compare(expected, found, XLSX_TOLERANCE, path.name)
+                    if sum(found.devices.values()) != len(report.devices):
+                        problems[fmt].append(f"{path.name}: device counts do not add up")
+                else:
+                    found = read_pdf(path, labels, report.units)
+                    by_kind = Totals(by_kind=expected.by_kind)
+                    problems[fmt] = compare(by_kind, found, PDF_TOLERANCE, path.name)
+        except (UnreadableReport, StoreError) as exc:
             problems[fmt] = [str(exc)]
     return problems
