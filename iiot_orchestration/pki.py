@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from iiot_orchestration import filestore
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.registry import RegistryError, audit, normalise_mac
 
@@ -69,15 +70,16 @@ class PkiError(IiotError):
 class CertificateAuthority:
     key: rsa.RSAPrivateKey
     certificate: x509.Certificate
-    directory: Path
+    directory: Path | str  # IIOT_PKI_DIR: a local directory or an fsspec URL (filestore.py)
+    key_file: Path | None = None  # IIOT_PKI_CA_KEY_FILE; None: <directory>/ca.key
 
     @property
-    def cert_path(self) -> Path:
-        return self.directory / CA_CERT_FILE
+    def cert_path(self) -> Path | str:
+        return filestore.join(self.directory, CA_CERT_FILE)
 
     @property
-    def crl_path(self) -> Path:
-        return self.directory / CRL_FILE
+    def crl_path(self) -> Path | str:
+        return filestore.join(self.directory, CRL_FILE)
 
     @property
     def fingerprint(self) -> str:
@@ -86,6 +88,45 @@ class CertificateAuthority:
     @property
     def not_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
+
+
+def key_location(directory: Path | str, key_file: Path | None = None) -> Path:
+    """Where the CA's private key is: ``key_file`` (IIOT_PKI_CA_KEY_FILE, a local file such as a
+    mounted secret), else ``ca.key`` beside the certificate in a local PKI directory. Never in
+    object storage: a remote IIOT_PKI_DIR needs IIOT_PKI_CA_KEY_FILE."""
+    if key_file is not None:
+        return Path(key_file)
+    if filestore.is_url(directory):
+        raise PkiError(
+            f"IIOT_PKI_DIR={directory} is object storage, where the CA's private key never goes: "
+            "set IIOT_PKI_CA_KEY_FILE to a local file (a mounted secret, mode 0600)"
+        )
+    return Path(directory) / CA_KEY_FILE
+
+
+def _store(directory: Path | str) -> filestore.Store:
+    return filestore.open_root(directory, "IIOT_PKI_DIR", PkiError)
+
+
+def write_public(directory: Path | str, name: str, data: bytes) -> Path | str:
+    """A public PKI file (the CA certificate, the CRL) replaced atomically in the PKI root."""
+    path = filestore.join(directory, name)
+    if isinstance(path, Path):
+        write_file(path, data)
+    else:
+        _store(directory).write_atomic(name, [data])
+    return path
+
+
+def read_public(path: Path | str) -> bytes:
+    """A public PKI file; FileNotFoundError when it is absent, as for a local path."""
+    if isinstance(path, Path):
+        return path.read_bytes()
+    folder, _, name = path.rpartition("/")
+    store = _store(folder)
+    if not store.exists(name):
+        raise FileNotFoundError(path)
+    return store.read_bytes(name)
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -155,17 +196,21 @@ def _check_ca_name(text: str) -> str:
 
 
 def init_ca(
-    directory: Path, *, name: str = DEFAULT_CA_NAME, now: datetime | None = None
+    directory: Path | str,
+    *,
+    name: str = DEFAULT_CA_NAME,
+    now: datetime | None = None,
+    key_file: Path | None = None,
 ) -> tuple[CertificateAuthority, bool]:
     """Create the CA in ``directory`` (key mode 0600), or load the one there. Returns the CA
     and whether it was created now. A half-made CA (a key without certificate or the reverse)
     is an error: replacing it would orphan every certificate it signed."""
     name = _check_ca_name(name)
-    key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
-    if key_path.exists() or cert_path.exists():
-        return load_ca(directory), False
+    key_path = key_location(directory, key_file)
+    if key_path.exists() or _store(directory).exists(CA_CERT_FILE):
+        return load_ca(directory, key_file), False
     now = now or datetime.now(UTC)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = generate_key(CA_KEY_BITS)
     certificate = (
         x509.CertificateBuilder()
@@ -200,16 +245,25 @@ def init_ca(
         raise PkiError(f"{key_path} appeared while creating the CA: run it again") from None
     with os.fdopen(handle, "wb") as file:
         file.write(private_key_pem(key))
-    write_file(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    write_public(directory, CA_CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("created CA %s in %s", fingerprint(certificate), directory)
-    return CertificateAuthority(key, certificate, directory), True
+    return CertificateAuthority(key, certificate, directory, key_file), True
 
 
-def load_ca(directory: Path) -> CertificateAuthority:
+def load_ca(directory: Path | str, key_file: Path | None = None) -> CertificateAuthority:
     """The CA in ``directory``, checked: both files present and readable, the key private to
-    its owner, the certificate a CA certificate whose public key is the key's."""
-    key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
-    missing = [p.name for p in (key_path, cert_path) if not p.exists()]
+    its owner, the certificate a CA certificate whose public key is the key's. The key is
+    ``key_file`` when given (IIOT_PKI_CA_KEY_FILE), else ``ca.key`` in ``directory``."""
+    key_path = key_location(directory, key_file)
+    cert_path = filestore.join(directory, CA_CERT_FILE)
+    missing = [
+        name
+        for name, present in (
+            (key_path.name, key_path.exists()),
+            (CA_CERT_FILE, _store(directory).exists(CA_CERT_FILE)),
+        )
+        if not present
+    ]
     if len(missing) == 2:
         raise PkiError(f"no CA in {directory}: run `iiot pki init` (IIOT_PKI_DIR={directory})")
     if missing:
@@ -227,7 +281,7 @@ def load_ca(directory: Path) -> CertificateAuthority:
     except (ValueError, TypeError) as exc:
         raise PkiError(f"{key_path} is not an unencrypted PEM private key: {exc}") from None
     try:
-        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        certificate = x509.load_pem_x509_certificate(read_public(cert_path))
     except ValueError as exc:
         raise PkiError(f"{cert_path} is not a PEM certificate: {exc}") from None
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -240,7 +294,7 @@ def load_ca(directory: Path) -> CertificateAuthority:
         constraints = None
     if constraints is None or not constraints.value.ca:
         raise PkiError(f"{cert_path} is not a CA certificate")
-    return CertificateAuthority(key, certificate, directory)
+    return CertificateAuthority(key, certificate, directory, key_file)
 
 
 def _leaf(
@@ -618,7 +672,7 @@ def revoke(
 @dataclass(frozen=True)
 class CrlState:
     number: int
-    path: Path
+    path: Path | str
     revoked: int
     sha256: str
     generated_at: datetime
@@ -681,7 +735,7 @@ def refresh_crl(
             " sha256, ca_fingerprint) VALUES (%s, %s, %s, %s, %s, %s)",
             (number, now, crl.next_update_utc, len(revoked), digest, ca.fingerprint),
         )
-        write_file(ca.crl_path, data)
+        write_public(ca.directory, CRL_FILE, data)
     log.info("wrote CRL %d with %d revoked serials to %s", number, len(revoked), ca.crl_path)
     return CrlState(number, ca.crl_path, len(revoked), digest, now, crl.next_update_utc)
 
@@ -693,10 +747,10 @@ class CrlContents:
     next_update: datetime | None
 
 
-def read_crl(path: Path, ca: CertificateAuthority) -> CrlContents:
+def read_crl(path: Path | str, ca: CertificateAuthority) -> CrlContents:
     """The serials of the CRL file at ``path``, after checking the CA signed it."""
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        crl = x509.load_pem_x509_crl(read_public(path))
     except FileNotFoundError:
         raise PkiError(f"no CRL at {path}: run `iiot pki crl`") from None
     except ValueError as exc:
@@ -804,7 +858,14 @@ def write_broker_config(
     acl = out / "acl"
     write_file(acl, MOSQUITTO_ACL.format(prefix=prefix, platform=PLATFORM_COMMON_NAME).encode())
     config = out / "mosquitto-tls.conf"
-    ca_path, crl_path = ca.cert_path.resolve(), ca.crl_path.resolve()
+    if filestore.is_url(ca.directory):
+        # Mosquitto reads local files: copies of the public ones, refreshed by running this again
+        # after each CRL refresh (docs/operations.md, "Storage roots"); the keys stay here
+        ca_path, crl_path = out / CA_CERT_FILE, out / CRL_FILE
+        write_file(ca_path, read_public(ca.cert_path))
+        write_file(crl_path, read_public(ca.crl_path))
+    else:
+        ca_path, crl_path = Path(ca.cert_path).resolve(), Path(ca.crl_path).resolve()
     write_file(
         config,
         MOSQUITTO_TLS.format(
