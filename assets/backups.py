@@ -1,15 +1,22 @@
 """The daily database backup and the weekly restore drill, with the checks ops watch: the newest
 backup is younger than the RPO target, the last drill passed within 8 days, its RTO met the
 target. Before the first scheduled backup and drill of a new install had time to run, a missing
-one is a warning that says when it is due (docs/backups.md)."""
+one is a warning that says when it is due (docs/backups.md).
 
+With point-in-time recovery configured (IIOT_PITR_STANZA), the same for pgBackRest: a base backup
+every night, a PITR drill every week, and checks of the recovery point (the newest restorable
+instant against IIOT_PITR_RPO_MINUTES) and of the last PITR drill
+(docs/operations.md#point-in-time-recovery). Without it those assets do nothing and their checks
+pass saying so."""
+
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from iiot_orchestration import alerts, backups
+from iiot_orchestration import alerts, backups, pitr
 from iiot_orchestration.db import connect
 from iiot_orchestration.retries import retry_transient
 from iiot_orchestration.settings import Settings, load_settings
@@ -18,12 +25,21 @@ ARCHIVE_READABLE = "backup_archive_readable"
 BACKUP_WITHIN_RPO = "backup_within_rpo"
 DRILL_RECENT_AND_PASSED = "drill_recent_and_passed"
 DRILL_RTO_WITHIN_TARGET = "drill_rto_within_target"
+PITR_WITHIN_RPO = "pitr_within_rpo"
+PITR_DRILL_RECENT_AND_PASSED = "pitr_drill_recent_and_passed"
+PITR_DRILL_WITHIN_TARGETS = "pitr_drill_within_targets"
 
 # the schedules (sensors/backups.py): a backup every night, a restore drill every Sunday
 BACKUP_HOUR_UTC = 3  # midnight in Sao Paulo; the dump is one snapshot whatever else runs
 DRILL_HOUR_UTC, DRILL_WEEKDAY = 5, 6  # Sundays (Monday is 0), two hours after that night's backup
 BACKUP_CRON = f"0 {BACKUP_HOUR_UTC} * * *"
 DRILL_CRON = f"0 {DRILL_HOUR_UTC} * * {(DRILL_WEEKDAY + 1) % 7}"  # cron counts from Sunday
+# pgBackRest: a base backup every night after the dump (full when the newest full is a week
+# old, incremental otherwise), and the PITR drill every Sunday after the logical one
+PITR_BACKUP_HOUR_UTC = 4
+PITR_DRILL_HOUR_UTC = 6
+PITR_BACKUP_CRON = f"0 {PITR_BACKUP_HOUR_UTC} * * *"
+PITR_DRILL_CRON = f"0 {PITR_DRILL_HOUR_UTC} * * {(DRILL_WEEKDAY + 1) % 7}"
 # time the first scheduled run has to finish before its absence is a failure, not a warning
 FIRST_RUN_GRACE = timedelta(hours=1)
 
@@ -157,19 +173,26 @@ def restore_drill(
     return dg.MaterializeResult(metadata=metadata)
 
 
+def _daily_after(moment: datetime, hour: int) -> datetime:
+    """The first ``hour``:00 UTC after ``moment``."""
+    due = moment.astimezone(UTC).replace(hour=hour, minute=0, second=0, microsecond=0)
+    return due if due > moment else due + timedelta(days=1)
+
+
+def _weekly_after(moment: datetime, hour: int) -> datetime:
+    """The first DRILL_WEEKDAY ``hour``:00 UTC after ``moment`` (a UTC time)."""
+    due = moment.replace(hour=hour) + timedelta(days=(DRILL_WEEKDAY - moment.weekday()) % 7)
+    return due if due > moment else due + timedelta(days=7)
+
+
 def first_backup_due(installed: datetime) -> datetime:
     """The first scheduled backup after the installation (its first migration)."""
-    due = installed.astimezone(UTC).replace(hour=BACKUP_HOUR_UTC, minute=0, second=0, microsecond=0)
-    return due if due > installed else due + timedelta(days=1)
+    return _daily_after(installed, BACKUP_HOUR_UTC)
 
 
 def first_drill_due(installed: datetime) -> datetime:
     """The first scheduled restore drill after the first backup (before it, nothing to restore)."""
-    backup = first_backup_due(installed)
-    due = backup.replace(hour=DRILL_HOUR_UTC) + timedelta(
-        days=(DRILL_WEEKDAY - backup.weekday()) % 7
-    )
-    return due if due > backup else due + timedelta(days=7)
+    return _weekly_after(first_backup_due(installed), DRILL_HOUR_UTC)
 
 
 def _status(backup: BackupResource) -> tuple[backups.Status, datetime | None]:
@@ -236,9 +259,15 @@ def drill_recent_and_passed(backup: BackupResource) -> dg.AssetCheckResult:
     last = found.last_drill
     if last is None:
         return _none_yet("restore drill", installed and first_drill_due(installed), {})
+    return _recent_and_passed(last, found.drill_recent_and_passed)
+
+
+def _recent_and_passed(
+    last: backups.DrillRecord, passed: Callable[[datetime], bool]
+) -> dg.AssetCheckResult:
     now = datetime.now(UTC)
     return dg.AssetCheckResult(
-        passed=found.drill_recent_and_passed(now),
+        passed=passed(now),
         metadata={
             "last_drill": last.drill_id,
             "status": last.status,
@@ -264,4 +293,208 @@ def drill_rto_within_target(backup: BackupResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=found.rto_within_target,
         metadata={"last_drill": last.drill_id, "rto_seconds": last.rto_seconds, **target},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-in-time recovery (pgBackRest)
+
+NOT_CONFIGURED = "point-in-time recovery is not configured (IIOT_PITR_STANZA unset)"
+
+
+@dg.asset(
+    **BACKUP_ASSET,
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
+    ),
+)
+@retry_transient
+def pitr_backup(context: dg.AssetExecutionContext, backup: BackupResource) -> dg.MaterializeResult:
+    """Last night's pgBackRest base backup of the database's cluster, to which the archived WAL
+    is replayed in a point-in-time restore: full when the newest full backup is a week old,
+    incremental otherwise; backups beyond IIOT_PITR_RETENTION_FULL full ones expire. Does
+    nothing without IIOT_PITR_STANZA."""
+    settings = backup.settings()
+    config = pitr.PitrConfig.from_settings(settings)
+    if config is None:
+        context.log.info(NOT_CONFIGURED)
+        return dg.MaterializeResult(metadata={"configured": False})
+    url, _ = backup.target(settings)
+    try:
+        run = pitr.take_backup(url, config, notifier=alerts.Notifier.from_settings(settings))
+    except backups.BackupError as exc:
+        raise dg.Failure(description=str(exc)) from exc
+    b = run.backup
+    context.log.info(f"{b.type} backup {b.label}: {b.size:,} bytes in {run.seconds:.1f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "configured": True,
+            "label": b.label,
+            "type": b.type,
+            "bytes": b.size,
+            "repo_bytes": b.repo_size,
+            "seconds": round(run.seconds, 1),
+            "wal_start": b.wal_start or "none",
+            "wal_stop": b.wal_stop or "none",
+        }
+    )
+
+
+@dg.asset(
+    **BACKUP_ASSET,
+    deps=[pitr_backup],
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(days=8), warn_window=timedelta(days=7)
+    ),
+)
+@retry_transient
+def pitr_drill(context: dg.AssetExecutionContext, backup: BackupResource) -> dg.MaterializeResult:
+    """Proof that the cluster restores to an instant: the database described in one snapshot
+    (row counts, fingerprints, rollup and invoice queries), the cluster restored by pgBackRest
+    to exactly that snapshot's WAL position in a scratch cluster and compared, RTO and RPO (the
+    newest restorable instant when the drill started) recorded in backup_drills, the scratch
+    cluster removed. Does nothing without IIOT_PITR_STANZA."""
+    settings = backup.settings()
+    config = pitr.PitrConfig.from_settings(settings)
+    if config is None:
+        context.log.info(NOT_CONFIGURED)
+        return dg.MaterializeResult(metadata={"configured": False})
+    url, _ = backup.target(settings)
+    drill = pitr.run_drill(
+        url,
+        config,
+        rpo_hours=settings.backup_rpo_hours,
+        rto_minutes=settings.backup_rto_minutes,
+        notifier=alerts.Notifier.from_settings(settings),
+    )
+    r = drill.result
+    metadata = {
+        "configured": True,
+        "drill_id": r.drill_id,
+        "backup": r.backup_id or "none",
+        "restored_to": str(r.backup_taken_at) if r.backup_taken_at else "none",
+        "rto_seconds": None if r.rto is None else round(r.rto.total_seconds(), 1),
+        "rto_target_seconds": int(r.targets.rto.total_seconds()),
+        "rpo_seconds": None if r.rpo is None else round(r.rpo.total_seconds(), 1),
+        "rpo_target_seconds": int(r.targets.rpo.total_seconds()),
+        "tables_checked": r.tables_checked,
+    }
+    if not drill.passed:
+        raise dg.Failure(description=drill.summary(), metadata=metadata)
+    context.log.info(drill.summary())
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def first_pitr_backup_due(configured: datetime) -> datetime:
+    """The first scheduled pgBackRest backup after `iiot backup pitr setup`."""
+    return _daily_after(configured, PITR_BACKUP_HOUR_UTC)
+
+
+def first_pitr_drill_due(configured: datetime) -> datetime:
+    """The first scheduled PITR drill after the first pgBackRest backup."""
+    return _weekly_after(first_pitr_backup_due(configured), PITR_DRILL_HOUR_UTC)
+
+
+def _pitr_status(
+    backup: BackupResource,
+) -> tuple[pitr.PitrStatus | None, pitr.PitrConfig | None]:
+    settings = backup.settings()
+    config = pitr.PitrConfig.from_settings(settings)
+    if config is None:
+        return None, None
+    url, _ = backup.target(settings)
+    with connect(url, autocommit=True, application_name="iiot-pitr") as conn:
+        found = pitr.status(
+            conn,
+            config,
+            backups.database_of(url),
+            rpo_hours=settings.backup_rpo_hours,
+            rto_minutes=settings.backup_rto_minutes,
+        )
+    return found, config
+
+
+def _not_configured() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=True, description=NOT_CONFIGURED, metadata={"configured": False}
+    )
+
+
+@dg.asset_check(
+    asset=pitr_backup,
+    name=PITR_WITHIN_RPO,
+    description="The newest restorable instant (every WAL byte written is archived, or the "
+    "newest archived segment's time) is within IIOT_PITR_RPO_MINUTES of now, and archiving is "
+    "neither failing nor behind.",
+)
+def pitr_within_rpo(backup: BackupResource) -> dg.AssetCheckResult:
+    found, config = _pitr_status(backup)
+    if found is None or config is None:
+        return _not_configured()
+    point = found.point
+    metadata = {
+        "recovery_point": str(point.instant) if point and point.instant else "unknown",
+        "rpo_seconds": None if point is None or point.rpo is None else point.rpo.total_seconds(),
+        "rpo_target_seconds": int(found.targets.rpo.total_seconds()),
+        "newest_archived_wal": (point.newest_wal if point else None) or "none",
+        "newest_backup": found.newest_backup.label if found.newest_backup else "none",
+    }
+    problems = [*found.problems, *([point.problem] if point and point.problem else [])]
+    if found.newest_backup is None and not found.archive_within_rpo:
+        configured = pitr.configured_at(config)
+        return _none_yet(
+            "pgBackRest backup", configured and first_pitr_backup_due(configured), metadata
+        )
+    return dg.AssetCheckResult(
+        passed=found.archive_within_rpo,
+        description="; ".join(problems) or None,
+        metadata=metadata,
+    )
+
+
+@dg.asset_check(
+    asset=pitr_drill,
+    name=PITR_DRILL_RECENT_AND_PASSED,
+    description=f"The last point-in-time recovery drill passed and started less than "
+    f"{backups.DRILL_MAX_AGE.days} days ago.",
+)
+def pitr_drill_recent_and_passed(backup: BackupResource) -> dg.AssetCheckResult:
+    found, config = _pitr_status(backup)
+    if found is None or config is None:
+        return _not_configured()
+    last = found.last_drill
+    if last is None:
+        configured = pitr.configured_at(config)
+        return _none_yet("PITR drill", configured and first_pitr_drill_due(configured), {})
+    return _recent_and_passed(last, found.drill_recent_and_passed)
+
+
+@dg.asset_check(
+    asset=pitr_drill,
+    name=PITR_DRILL_WITHIN_TARGETS,
+    description="The last PITR drill's measured RPO (its start against the newest restorable "
+    "instant) is within IIOT_PITR_RPO_MINUTES and its RTO (restore, WAL replay, verification) "
+    "within the RTO target (the strictest of IIOT_BACKUP_RTO_MINUTES among the plans of active "
+    "tenants).",
+)
+def pitr_drill_within_targets(backup: BackupResource) -> dg.AssetCheckResult:
+    found, config = _pitr_status(backup)
+    if found is None or config is None:
+        return _not_configured()
+    last = found.last_drill
+    targets = {
+        "rpo_target_seconds": int(found.targets.rpo.total_seconds()),
+        "rto_target_seconds": int(found.targets.rto.total_seconds()),
+    }
+    if last is None:
+        configured = pitr.configured_at(config)
+        return _none_yet("PITR drill", configured and first_pitr_drill_due(configured), targets)
+    return dg.AssetCheckResult(
+        passed=found.drill_within_targets,
+        metadata={
+            "last_drill": last.drill_id,
+            "rpo_seconds": last.rpo_seconds,
+            "rto_seconds": last.rto_seconds,
+            **targets,
+        },
     )

@@ -34,8 +34,8 @@ DAY = datetime(2026, 11, 20, tzinfo=UTC)
 TARGETS = {"rpo_hours": (("pro", 26),), "rto_minutes": (("pro", 240),)}
 
 
-def load(url: str) -> int:
-    per_series = max(1, READINGS // (DEVICES * len(METRICS)))
+def load(url: str, readings: int = READINGS) -> int:
+    per_series = max(1, readings // (DEVICES * len(METRICS)))
     with psycopg.connect(url, autocommit=True) as conn:
         for n in range(50):
             registry.create_tenant(

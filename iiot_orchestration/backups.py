@@ -55,6 +55,9 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 MANIFEST_MAX_BYTES = 16 * 1024 * 1024
 SCRATCH_PREFIX = "iiot_drill_"
+# point-in-time recovery drills (pitr.py) name their scratch cluster so; the logical drills'
+# names go on with a digit, so the two kinds share backup_drills and are told apart by it
+PITR_SCRATCH_PREFIX = SCRATCH_PREFIX + "pitr_"
 DRILL_MAX_AGE = timedelta(days=8)
 STALE_PARTIAL = timedelta(days=1)
 LOCK_KEY = 0x110_7_0012  # one backup, rotation or drill of a database at a time
@@ -153,12 +156,32 @@ SELECT n.nspname, c.relname
 """
 
 # Order-independent: two 64-bit halves of each row's md5, summed exactly (no sort, no big string).
+# The second {} restricts the rows to a block range (describe_database_parallel): the sums of
+# the ranges are the sums of the table.
 _FINGERPRINT = """
 SELECT count(*),
        coalesce(sum(('x' || substr(h, 1, 16))::bit(64)::bigint::numeric), 0),
        coalesce(sum(('x' || substr(h, 17, 16))::bit(64)::bigint::numeric), 0)
-  FROM (SELECT md5(t::text) AS h FROM {} t) rows
+  FROM (SELECT md5(t::text) AS h FROM {} t{}) rows
 """
+_COUNT = "SELECT count(*) FROM {} t{}"
+# the largest physical table (a partition, an inheritance child, itself) and the sum of all
+_TABLE_SIZES = """
+SELECT greatest(pg_relation_size(r),
+                coalesce((SELECT max(pg_relation_size(p.relid)) FROM pg_partition_tree(r) p), 0),
+                coalesce((SELECT max(pg_relation_size(i.inhrelid))
+                            FROM pg_inherits i WHERE i.inhparent = r), 0)),
+       pg_relation_size(r)
+       + coalesce((SELECT sum(pg_relation_size(p.relid))
+                     FROM pg_partition_tree(r) p WHERE p.relid <> r), 0)
+       + coalesce((SELECT sum(pg_relation_size(i.inhrelid))
+                     FROM pg_inherits i WHERE i.inhparent = r), 0)
+  FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY u(s, n, i),
+       LATERAL (SELECT format('%%I.%%I', s, n)::regclass AS r) c
+ ORDER BY i
+"""
+PART_BYTES = 8 * 1024 * 1024  # tables larger than this are verified in block ranges
+FINGERPRINT_COST = 10  # a fingerprinted byte costs about this many counted ones
 
 
 class BackupError(IiotError):
@@ -614,15 +637,136 @@ def table_states(conn: psycopg.Connection) -> dict[str, TableState]:
     fingerprinted = {f"public.{t}" for t in FINGERPRINTED_TABLES}
     for schema, name in conn.execute(_TABLES).fetchall():
         qualified = f"{schema}.{name}"
-        table = sql.Identifier(schema, name)
-        if qualified in fingerprinted:
-            rows, high, low = conn.execute(sql.SQL(_FINGERPRINT).format(table)).fetchone()
-            digest = hashlib.sha256(f"{rows}:{high}:{low}".encode()).hexdigest()[:32]
-            states[qualified] = TableState(rows, digest)
-        else:
-            rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
-            states[qualified] = TableState(rows)
+        part = _Part(schema, name, qualified in fingerprinted)
+        states[qualified] = part.state([part.sums(conn)])
     return states
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A table, or the rows of a block range of it (of each partition or child), to count and
+    fingerprint: their sums add up to the table's."""
+
+    schema: str
+    name: str
+    fingerprinted: bool
+    blocks: tuple[int, int | None] | None = None  # [first, last) block; None: the whole table
+    cost: float = 0.0
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def sums(self, conn: psycopg.Connection) -> tuple[int, Any, Any]:
+        where = sql.SQL("")
+        if self.blocks is not None:
+            first, last = self.blocks
+            where = sql.SQL(" WHERE t.ctid >= {}::tid").format(sql.Literal(f"({first},0)"))
+            if last is not None:
+                where += sql.SQL(" AND t.ctid < {}::tid").format(sql.Literal(f"({last},0)"))
+        table = sql.Identifier(self.schema, self.name)
+        if self.fingerprinted:
+            rows, high, low = conn.execute(sql.SQL(_FINGERPRINT).format(table, where)).fetchone()
+            return rows, high, low
+        return conn.execute(sql.SQL(_COUNT).format(table, where)).fetchone()[0], 0, 0
+
+    def state(self, sums: Sequence[tuple[int, Any, Any]]) -> TableState:
+        rows = sum(s[0] for s in sums)
+        if not self.fingerprinted:
+            return TableState(rows)
+        high, low = sum(s[1] for s in sums), sum(s[2] for s in sums)
+        return TableState(rows, hashlib.sha256(f"{rows}:{high}:{low}".encode()).hexdigest()[:32])
+
+
+def _parts(conn: psycopg.Connection, jobs: int) -> list[_Part]:
+    """Every table as parts of about PART_BYTES (at most 4 per job), costliest first."""
+    fingerprinted = {f"public.{t}" for t in FINGERPRINTED_TABLES}
+    tables = conn.execute(_TABLES).fetchall()
+    sizes = conn.execute(_TABLE_SIZES, ([t[0] for t in tables], [t[1] for t in tables])).fetchall()
+    block = int(conn.execute("SELECT current_setting('block_size')").fetchone()[0])
+    parts = []
+    for (schema, name), (largest, total) in zip(tables, sizes, strict=True):
+        weight = FINGERPRINT_COST if f"{schema}.{name}" in fingerprinted else 1
+        blocks = int(largest) // block
+        count = min(-(-int(total) // PART_BYTES), 4 * jobs, blocks)
+        if count <= 1:
+            parts.append(_Part(schema, name, weight > 1, None, float(total) * weight))
+            continue
+        step = -(-blocks // count)
+        for n in range(count):
+            last = None if n == count - 1 else (n + 1) * step
+            parts.append(
+                _Part(schema, name, weight > 1, (n * step, last), float(total) * weight / count)
+            )
+    return sorted(parts, key=lambda p: -p.cost)
+
+
+def describe_database_parallel(database_url: str, jobs: int) -> DatabaseState:
+    """``describe_database`` of the database at ``database_url`` over ``jobs`` connections that
+    share one exported snapshot: the tables, large ones in block ranges, go to whichever
+    connection is free; the smoke queries run beside them. The same result, sooner on a database
+    nothing else uses (a restored copy being verified)."""
+    with _connect(database_url, autocommit=True) as conn:
+        session_settings(conn)
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # block ranges need TID range scans (PostgreSQL 14)
+            if jobs <= 1 or server_major(conn)[0] < 14:
+                return describe_database(conn)
+            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            parts = _parts(conn, jobs)
+            pending = list(reversed(parts))  # pop() takes the costliest
+            done: dict[str, list[tuple[int, Any, Any]]] = {p.qualified: [] for p in parts}
+            lock = threading.Lock()
+            errors: list[BaseException] = []
+
+            def work(on: psycopg.Connection) -> None:
+                while True:
+                    with lock:
+                        if not pending or errors:
+                            return
+                        part = pending.pop()
+                    result = part.sums(on)
+                    with lock:
+                        done[part.qualified].append(result)
+
+            def helper() -> None:
+                try:
+                    with _connect(database_url, autocommit=True) as other:
+                        session_settings(other)
+                        with other.transaction():
+                            other.execute(
+                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                            )
+                            other.execute(
+                                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
+                            )
+                            work(other)
+                except BaseException as exc:  # re-raised below, in the caller's thread
+                    with lock:
+                        errors.append(exc)
+
+            helpers = [threading.Thread(target=helper, daemon=True) for _ in range(jobs - 1)]
+            for thread in helpers:
+                thread.start()
+            try:
+                schema = schema_state(conn)
+                smoke = smoke_results(conn)
+                work(conn)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)  # the helpers stop after their current part
+                raise
+            finally:
+                for thread in helpers:
+                    thread.join()
+            if errors:
+                raise errors[0]
+    states = {}
+    for part in parts:
+        if part.qualified not in states:
+            states[part.qualified] = part.state(done[part.qualified])
+    return DatabaseState(schema, dict(sorted(states.items())), smoke)
 
 
 def smoke_results(conn: psycopg.Connection) -> dict[str, SmokeResult]:
@@ -662,6 +806,28 @@ def schema_state(conn: psycopg.Connection) -> SchemaState:
     return SchemaState(
         version, label, mode[0] if mode else "postgres", extension[0] if extension else None
     )
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    """What a verification compares: schema, row counts and fingerprints, smoke results."""
+
+    schema: SchemaState
+    tables: dict[str, TableState]
+    smoke: dict[str, SmokeResult]
+
+    @classmethod
+    def of_manifest(cls, m: Manifest) -> DatabaseState:
+        schema = SchemaState(
+            m.schema_version, m.schema_label, m.storage_mode, m.timescaledb_version
+        )
+        return cls(schema, m.tables, m.smoke)
+
+
+def describe_database(conn: psycopg.Connection) -> DatabaseState:
+    """The state of the database as the current transaction sees it: call it in a read-only
+    REPEATABLE READ transaction, after ``session_settings``, so that it is one snapshot."""
+    return DatabaseState(schema_state(conn), table_states(conn), smoke_results(conn))
 
 
 def known_schema_version() -> int:
@@ -716,18 +882,18 @@ def _server_connect(database_url: str) -> psycopg.Connection:
 
 
 @contextmanager
-def exclusive(database_url: str) -> Iterator[psycopg.Connection]:
-    """An autocommit connection holding the database's backup lock: one backup, rotation or
-    drill at a time (a second one waits)."""
+def exclusive(database_url: str, key: int = LOCK_KEY) -> Iterator[psycopg.Connection]:
+    """An autocommit connection holding the database's backup lock (``key``; pitr.py has its
+    own): one backup, rotation or drill at a time (a second one waits)."""
     with _connect(database_url, autocommit=True) as conn:
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             log.info("another backup or drill of this database is running; waiting for it")
-            conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
         try:
             yield conn
         finally:
             with suppress(psycopg.Error):
-                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1269,30 +1435,43 @@ def compare(
     schema: SchemaState,
 ) -> list[str]:
     """Every difference between a restored database and the backup's manifest."""
-    m = backup.manifest
+    return differences(
+        DatabaseState.of_manifest(backup.manifest), DatabaseState(schema, tables, smoke)
+    )
+
+
+def differences(
+    want: DatabaseState, got: DatabaseState, where: str = "in the manifest"
+) -> list[str]:
+    """Every difference between a restored database (``got``) and what it must hold
+    (``want``, described ``where``)."""
     problems = []
-    if schema.version != m.schema_version:
-        problems.append(f"schema version {schema.label} restored, {m.schema_label} in the manifest")
-    if schema.storage_mode != m.storage_mode:
-        problems.append(f"storage mode {schema.storage_mode}, {m.storage_mode} in the manifest")
-    for name in sorted(set(m.tables) | set(tables)):
-        want, got = m.tables.get(name), tables.get(name)
-        if want is None:
-            problems.append(f"{name}: restored but not in the manifest")
-        elif got is None:
-            problems.append(f"{name}: in the manifest but not restored")
-        elif got.rows != want.rows:
-            problems.append(f"{name}: {got.rows:,} rows restored, {want.rows:,} in the manifest")
-        elif got.fingerprint != want.fingerprint:
+    if got.schema.version != want.schema.version:
+        problems.append(f"schema version {got.schema.label} restored, {want.schema.label} {where}")
+    if got.schema.storage_mode != want.schema.storage_mode:
+        problems.append(
+            f"storage mode {got.schema.storage_mode}, {want.schema.storage_mode} {where}"
+        )
+    for name in sorted(set(want.tables) | set(got.tables)):
+        want_table, got_table = want.tables.get(name), got.tables.get(name)
+        if want_table is None:
+            problems.append(f"{name}: restored but not {where}")
+        elif got_table is None:
+            problems.append(f"{name}: {where} but not restored")
+        elif got_table.rows != want_table.rows:
+            problems.append(
+                f"{name}: {got_table.rows:,} rows restored, {want_table.rows:,} {where}"
+            )
+        elif got_table.fingerprint != want_table.fingerprint:
             problems.append(f"{name}: same row count, different content (fingerprint)")
-    for name in sorted(set(m.smoke) | set(smoke)):
-        want_smoke, got_smoke = m.smoke.get(name), smoke.get(name)
+    for name in sorted(set(want.smoke) | set(got.smoke)):
+        want_smoke, got_smoke = want.smoke.get(name), got.smoke.get(name)
         if want_smoke is None or got_smoke is None:
             problems.append(f"smoke query {name}: {'not run' if got_smoke is None else 'extra'}")
         elif got_smoke.sha256 != want_smoke.sha256:
             problems.append(
                 f"smoke query {name}: result differs ({got_smoke.rows} rows, "
-                f"{want_smoke.rows} in the manifest)"
+                f"{want_smoke.rows} {where})"
             )
     return problems
 
@@ -1400,12 +1579,14 @@ def _restore_and_verify(
         session_settings(tconn)
         with tconn.transaction():
             tconn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            schema = schema_state(tconn)
-            tables = table_states(tconn)
-            smoke = smoke_results(tconn)
-    mismatches = compare(backup, tables, smoke, schema)
+            restored = describe_database(tconn)
+    mismatches = differences(DatabaseState.of_manifest(m), restored)
     return Verification(
-        checksum_s, restore_s, time.perf_counter() - verify_started, len(tables), mismatches
+        checksum_s,
+        restore_s,
+        time.perf_counter() - verify_started,
+        len(restored.tables),
+        mismatches,
     )
 
 
@@ -1637,15 +1818,25 @@ class DrillRecord:
     rto_target_seconds: int
     tables_checked: int
     error: str | None
+    kind: str = "logical"  # or "pitr": a point-in-time recovery drill (pitr.py)
 
 
-def drills(conn: psycopg.Connection, database: str, limit: int = 20) -> list[DrillRecord]:
+def drills(
+    conn: psycopg.Connection, database: str, limit: int = 20, kind: str | None = "logical"
+) -> list[DrillRecord]:
+    """The database's drills of one kind (logical or pitr; None: both), newest first."""
+    if kind not in (None, "logical", "pitr"):
+        raise BackupError(f"no drills of kind {kind!r}: logical or pitr")
+    pitr = PITR_SCRATCH_PREFIX.replace("_", "\\_") + "%"
     rows = conn.execute(
-        "SELECT drill_id, backup_id, status, started_at, finished_at, rpo_seconds::float8,"
-        " rto_seconds::float8, rpo_target_seconds, rto_target_seconds, tables_checked, error"
-        " FROM backup_drills WHERE database_name = %s ORDER BY started_at DESC, drill_id DESC"
-        " LIMIT %s",
-        (database, limit),
+        "SELECT * FROM (SELECT drill_id, backup_id, status, started_at, finished_at,"
+        " rpo_seconds::float8, rto_seconds::float8, rpo_target_seconds, rto_target_seconds,"
+        " tables_checked, error,"
+        " CASE WHEN scratch_database LIKE %s THEN 'pitr' ELSE 'logical' END AS kind"
+        " FROM backup_drills WHERE database_name = %s) d"
+        " WHERE %s::text IS NULL OR kind = %s"
+        " ORDER BY started_at DESC, drill_id DESC LIMIT %s",
+        (pitr, database, kind, kind, limit),
     ).fetchall()
     return [DrillRecord(*row) for row in rows]
 

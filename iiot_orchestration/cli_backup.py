@@ -12,6 +12,7 @@ import psycopg
 
 from iiot_orchestration import alerts, backups
 from iiot_orchestration.cli_common import HelpGroup, _json, _settings, _table, friendly_errors
+from iiot_orchestration.cli_pitr import pitr_group, pitr_status_of, status_json, status_lines
 from iiot_orchestration.db import connect
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.settings import Settings
@@ -66,7 +67,11 @@ def _drill_row(result: backups.DrillResult) -> dict[str, Any]:
 
 @click.group("backup", cls=HelpGroup)
 def backup_group() -> None:
-    """Database backups and restore drills (docs/backups.md)."""
+    """Database backups and restore drills (docs/backups.md); point-in-time recovery with
+    pgBackRest under `iiot backup pitr`."""
+
+
+backup_group.add_command(pitr_group)
 
 
 @backup_group.command("run")
@@ -233,7 +238,8 @@ def backup_restore(backup_id: str, target: str, jobs: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @friendly_errors
 def backup_status(as_json: bool) -> None:
-    """The checks ops watch: newest backup vs the RPO target, last drill and its RTO.
+    """The checks ops watch: newest backup vs the RPO target, last drill and its RTO; with
+    point-in-time recovery configured, the recovery point and the last PITR drill too.
 
     Exits 1 when any of them fails.
     """
@@ -248,12 +254,14 @@ def backup_status(as_json: bool) -> None:
             rto_minutes=settings.backup_rto_minutes,
             now=now,
         )
+        point_in_time = pitr_status_of(conn, settings, database)
     last = found.last_drill
     checks = {
         "backup_within_rpo": found.backup_within_rpo,
         "drill_recent_and_passed": found.drill_recent_and_passed(now),
         "drill_rto_within_target": found.rto_within_target,
     }
+    pitr_checks = point_in_time.checks(now) if point_in_time else {}
     if as_json:
         click.echo(
             _json(
@@ -270,6 +278,7 @@ def backup_status(as_json: bool) -> None:
                         "last_drill": None if last is None else last.__dict__,
                         "checks": checks,
                         "problems": found.problems,
+                        "pitr": status_json(point_in_time, now) if point_in_time else None,
                     }
                 ]
             )
@@ -294,9 +303,14 @@ def backup_status(as_json: bool) -> None:
             )
         for name, ok in checks.items():
             click.echo(f"  {'ok  ' if ok else 'FAIL'} {name}")
-        for problem in found.problems:
+        if point_in_time:
+            for line in status_lines(point_in_time, now):
+                click.echo(line)
+        else:
+            click.echo("Point-in-time recovery: not configured (IIOT_PITR_STANZA unset)")
+        for problem in found.problems + (point_in_time.problems if point_in_time else []):
             click.secho(f"warning: {problem}", fg="yellow", err=True)
-    if not all(checks.values()):
+    if not all(checks.values()) or not all(pitr_checks.values()):
         raise SystemExit(1)
 
 
@@ -305,19 +319,30 @@ def backup_status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly_errors
 def backup_drills(limit: int, as_json: bool) -> None:
-    """The recorded restore drills of the database, newest first."""
+    """The recorded restore drills of the database, logical and point-in-time, newest first."""
     _, url, _, database = _target()
     with connect(url, autocommit=True, application_name="iiot-backup") as conn:
-        found = backups.drills(conn, database, limit=limit)
+        found = backups.drills(conn, database, limit=limit, kind=None)
     if as_json:
         click.echo(_json([d.__dict__ for d in found]))
         return
     click.echo(
         _table(
-            ["drill", "started", "status", "backup", "rto s", "rto target s", "rpo h", "error"],
+            [
+                "drill",
+                "kind",
+                "started",
+                "status",
+                "backup",
+                "rto s",
+                "rto target s",
+                "rpo h",
+                "error",
+            ],
             [
                 [
                     d.drill_id,
+                    d.kind,
                     d.started_at,
                     d.status,
                     d.backup_id,

@@ -151,6 +151,18 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _stanza(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", raw.strip()):
+        raise ValueError("must be letters, digits, '_', '.' or '-' (at most 64)")
+    return raw.strip()
+
+
+def _os_user(raw: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", raw.strip()):
+        raise ValueError("must be an operating-system user name such as postgres")
+    return raw.strip()
+
+
 PLAN_ID = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
 
 
@@ -349,6 +361,89 @@ VARIABLES: tuple[Variable, ...] = (
         "Recovery time objective per plan: a restore drill's checksum, restore and verification "
         "must take less than this (same rule for the database's target).",
         _per_plan(1, 10080),
+    ),
+    Variable(
+        "IIOT_PITR_STANZA",
+        None,
+        "a pgBackRest stanza name: letters, digits, _ . - (at most 64)",
+        "Point-in-time recovery with pgBackRest: the stanza (pgBackRest's name for the database's "
+        "cluster) that `iiot backup pitr` configures, backs up and drills "
+        "(docs/operations.md#point-in-time-recovery). Unset: no PITR, the logical backups only.",
+        _stanza,
+    ),
+    Variable(
+        "IIOT_PITR_REPO",
+        None,
+        "a directory path",
+        "pgBackRest repository: base backups and archived WAL (keep it on another disk or "
+        "host). Unset: `<IIOT_DATA_DIR>/pgbackrest/repo`.",
+        _path,
+    ),
+    Variable(
+        "IIOT_PITR_CONFIG",
+        None,
+        "a file path",
+        "The pgbackrest.conf that `iiot backup pitr setup` writes and every pgBackRest command "
+        "and the archive_command read; pgBackRest's log, lock and spool directories go next to "
+        "it. Unset: `<IIOT_DATA_DIR>/pgbackrest/pgbackrest.conf`.",
+        _file,
+    ),
+    Variable(
+        "IIOT_PITR_OS_USER",
+        "postgres",
+        "an operating-system user name",
+        "When iiot runs as root: the user pgBackRest and the drill's scratch cluster run as "
+        "(PostgreSQL refuses root), and who owns the repository. Otherwise both run as the "
+        "current user.",
+        _os_user,
+    ),
+    Variable(
+        "IIOT_PITR_SCRATCH_DIR",
+        None,
+        "a directory path",
+        "Where a PITR drill restores its scratch cluster (room for a copy of the whole cluster; "
+        "removed after the drill). Unset: `<IIOT_DATA_DIR>/pitr-scratch`.",
+        _path,
+    ),
+    Variable(
+        "IIOT_PITR_RPO_MINUTES",
+        "5",
+        "a whole number from 1 to 1440",
+        "PITR recovery point objective: the newest restorable instant (the newest WAL in the "
+        "repository) may be at most this old, as the PITR drill and the hourly check measure.",
+        _int_range(1, 1440),
+    ),
+    Variable(
+        "IIOT_PITR_ARCHIVE_TIMEOUT_SECONDS",
+        "60",
+        "a whole number from 15 to 3600",
+        "archive_timeout that `iiot backup pitr setup` sets: while the database writes, a WAL "
+        "segment reaches the repository at least this often (keep it well under the RPO).",
+        _int_range(15, 3600),
+    ),
+    Variable(
+        "IIOT_PITR_RETENTION_FULL",
+        "2",
+        "a whole number from 1 to 100",
+        "Full pgBackRest backups kept, with their incremental backups and the WAL to replay "
+        "them; older ones expire after each backup.",
+        _int_range(1, 100),
+    ),
+    Variable(
+        "IIOT_PITR_PROCESS_MAX",
+        "2",
+        "a whole number from 1 to 64",
+        "pgBackRest processes that compress and copy files in parallel during a backup or a "
+        "restore.",
+        _int_range(1, 64),
+    ),
+    Variable(
+        "IIOT_PITR_PG_BINDIR",
+        None,
+        "a directory path",
+        "PostgreSQL server binaries (postgres, pg_ctl) of the clusters PITR restores start. "
+        "Unset: `/usr/lib/postgresql/<major>/bin` of the backed-up server's major version.",
+        _path,
     ),
     Variable(
         "IIOT_REPORTS_ROOT",
@@ -677,6 +772,16 @@ class Settings:
     api_export_max_rows: int = 10_000_000
     api_export_timeout_seconds: int = 600
     api_key_grace_hours: int = 24
+    pitr_stanza: str | None = None
+    pitr_repo: Path = Path("var") / "pgbackrest" / "repo"
+    pitr_config: Path = Path("var") / "pgbackrest" / "pgbackrest.conf"
+    pitr_os_user: str = "postgres"
+    pitr_scratch_dir: Path = Path("var") / "pitr-scratch"
+    pitr_rpo_minutes: int = 5
+    pitr_archive_timeout_seconds: int = 60
+    pitr_retention_full: int = 2
+    pitr_process_max: int = 2
+    pitr_pg_bindir: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_database_url(self) -> str:
@@ -802,6 +907,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_export_max_rows=values["IIOT_API_EXPORT_MAX_ROWS"],
         api_export_timeout_seconds=values["IIOT_API_EXPORT_TIMEOUT_SECONDS"],
         api_key_grace_hours=values["IIOT_API_KEY_GRACE_HOURS"],
+        pitr_stanza=values["IIOT_PITR_STANZA"],
+        pitr_repo=values["IIOT_PITR_REPO"] or data_dir / "pgbackrest" / "repo",
+        pitr_config=values["IIOT_PITR_CONFIG"] or data_dir / "pgbackrest" / "pgbackrest.conf",
+        pitr_os_user=values["IIOT_PITR_OS_USER"],
+        pitr_scratch_dir=values["IIOT_PITR_SCRATCH_DIR"] or data_dir / "pitr-scratch",
+        pitr_rpo_minutes=values["IIOT_PITR_RPO_MINUTES"],
+        pitr_archive_timeout_seconds=values["IIOT_PITR_ARCHIVE_TIMEOUT_SECONDS"],
+        pitr_retention_full=values["IIOT_PITR_RETENTION_FULL"],
+        pitr_process_max=values["IIOT_PITR_PROCESS_MAX"],
+        pitr_pg_bindir=values["IIOT_PITR_PG_BINDIR"],
         sources=sources,
     )
 
@@ -831,6 +946,16 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_BACKUP_KEEP_WEEKLY": settings.backup_keep_weekly,
         "IIOT_BACKUP_RPO_HOURS": per_plan_text(settings.backup_rpo_hours),
         "IIOT_BACKUP_RTO_MINUTES": per_plan_text(settings.backup_rto_minutes),
+        "IIOT_PITR_STANZA": settings.pitr_stanza,
+        "IIOT_PITR_REPO": settings.pitr_repo,
+        "IIOT_PITR_CONFIG": settings.pitr_config,
+        "IIOT_PITR_OS_USER": settings.pitr_os_user,
+        "IIOT_PITR_SCRATCH_DIR": settings.pitr_scratch_dir,
+        "IIOT_PITR_RPO_MINUTES": settings.pitr_rpo_minutes,
+        "IIOT_PITR_ARCHIVE_TIMEOUT_SECONDS": settings.pitr_archive_timeout_seconds,
+        "IIOT_PITR_RETENTION_FULL": settings.pitr_retention_full,
+        "IIOT_PITR_PROCESS_MAX": settings.pitr_process_max,
+        "IIOT_PITR_PG_BINDIR": settings.pitr_pg_bindir,
         "IIOT_REPORTS_ROOT": settings.reports_root,
         "IIOT_PKI_DIR": settings.pki_dir,
         "IIOT_CERT_RENEWAL_BATCH_SIZE": settings.cert_renewal_batch_size,

@@ -9,6 +9,7 @@ import dagster as dg
 
 from assets.alerts import threshold_alerts
 from iiot_orchestration import alerts
+from iiot_orchestration.backups import PITR_SCRATCH_PREFIX
 from iiot_orchestration.db import connect
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.settings import load_settings
@@ -187,25 +188,30 @@ DRILL_MAX_AGE_DAYS = 8
 
 
 def drill_alerts(conn, now: datetime) -> dict[str, alerts.Alert | None]:
-    """Per database with drills: the latest drill failed (CRITICAL), or no passed drill in the
-    last 8 days (WARNING); None where all is well. Empty before backup_drills exists."""
+    """Per database and kind of drill (logical, point-in-time: pitr.py) with drills: the latest
+    drill failed (CRITICAL), or no passed drill in the last 8 days (WARNING); None where all is
+    well. Empty before backup_drills exists."""
     if conn.execute("SELECT to_regclass('backup_drills')").fetchone()[0] is None:
         return {}
     found: dict[str, alerts.Alert | None] = {}
     rows = conn.execute(
-        "SELECT DISTINCT ON (database_name) database_name, status, finished_at, error,"
-        "       (SELECT max(p.finished_at) FROM backup_drills p"
-        "         WHERE p.database_name = d.database_name AND p.status = 'passed')"
-        "  FROM backup_drills d ORDER BY database_name, finished_at DESC"
+        "WITH d AS (SELECT *, scratch_database LIKE %s AS pitr FROM backup_drills)"
+        " SELECT DISTINCT ON (database_name, pitr) database_name, pitr, status, finished_at,"
+        "       error, (SELECT max(p.finished_at) FROM d p WHERE p.database_name = d.database_name"
+        "                  AND p.pitr = d.pitr AND p.status = 'passed')"
+        "  FROM d ORDER BY database_name, pitr, finished_at DESC",
+        (PITR_SCRATCH_PREFIX.replace("_", "\\_") + "%",),
     ).fetchall()
-    for database, status, finished, error, last_passed in rows:
-        key = f"restore_drill:{database}"
+    for database, pitr, status, finished, error, last_passed in rows:
+        source = "pitr_drill" if pitr else "restore_drill"
+        key = f"{source}:{database}"
+        what = "Point-in-time recovery drill" if pitr else "Restore drill"
         if status == "failed":
             found[key] = alerts.Alert(
                 key=key,
                 severity="CRITICAL",
-                title=f"Restore drill of {database} failed",
-                source="restore_drill",
+                title=f"{what} of {database} failed",
+                source=source,
                 detail={"error": (error or "")[:500], "finished_at": finished.isoformat()},
                 at=now,
             )
@@ -213,8 +219,8 @@ def drill_alerts(conn, now: datetime) -> dict[str, alerts.Alert | None]:
             found[key] = alerts.Alert(
                 key=key,
                 severity="WARNING",
-                title=f"No passed restore drill of {database} in {DRILL_MAX_AGE_DAYS} days",
-                source="restore_drill",
+                title=f"No passed {what.lower()} of {database} in {DRILL_MAX_AGE_DAYS} days",
+                source=source,
                 detail={"last_passed": last_passed and last_passed.isoformat()},
                 at=now,
             )

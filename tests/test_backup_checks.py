@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from assets.backups import (
+    NOT_CONFIGURED,
     BackupResource,
     backup_within_rpo,
     database_backup,
@@ -13,8 +14,15 @@ from assets.backups import (
     drill_rto_within_target,
     first_backup_due,
     first_drill_due,
+    first_pitr_backup_due,
+    first_pitr_drill_due,
+    pitr_drill_recent_and_passed,
+    pitr_drill_within_targets,
+    pitr_within_rpo,
 )
 from iiot_orchestration import registry
+from iiot_orchestration.definitions import defs
+from sensors.backups import backup_checks_job
 
 CHECKS = [backup_within_rpo, drill_recent_and_passed, drill_rto_within_target]
 
@@ -110,3 +118,36 @@ def test_the_first_backup_settles_its_check_and_the_drills_still_wait(
         None,
     )
     assert found["drill_recent_and_passed"].severity == dg.AssetCheckSeverity.WARN
+
+
+def test_point_in_time_checks_pass_saying_pitr_is_not_configured(
+    conn, database_url, tmp_path, tenant, monkeypatch
+):
+    monkeypatch.delenv("IIOT_PITR_STANZA", raising=False)
+    checks = [pitr_within_rpo, pitr_drill_recent_and_passed, pitr_drill_within_targets]
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            checks,
+            instance=instance,
+            resources={"backup": BackupResource(database_url=database_url, root=str(tmp_path))},
+            selection=dg.AssetSelection.checks(*checks),
+        )
+    found = result.get_asset_check_evaluations()
+    assert len(found) == 3
+    assert {(e.passed, e.description) for e in found} == {(True, NOT_CONFIGURED)}
+    # and the hourly backup checks run them
+    assert {
+        c.name for c in backup_checks_job.selection.resolve_checks(defs.resolve_asset_graph())
+    } >= {
+        "pitr_within_rpo",
+        "pitr_drill_recent_and_passed",
+        "pitr_drill_within_targets",
+    }
+
+
+def test_first_pgbackrest_backup_and_pitr_drill_follow_their_schedules():
+    configured = datetime(2026, 12, 5, 3, 30, tzinfo=UTC)  # a Saturday
+    assert first_pitr_backup_due(configured) == datetime(2026, 12, 5, 4, tzinfo=UTC)
+    assert first_pitr_drill_due(configured) == datetime(2026, 12, 6, 6, tzinfo=UTC)
+    sunday_night = datetime(2026, 12, 6, 5, tzinfo=UTC)
+    assert first_pitr_drill_due(sunday_night) == datetime(2026, 12, 13, 6, tzinfo=UTC)
