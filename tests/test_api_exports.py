@@ -263,9 +263,10 @@ def test_exports_over_the_row_or_time_limit_are_refused(seeded, tmp_path):
             "/api/v1/exports/telemetry", params={"start": "2026-11-02", "end": "2026-11-03"}
         )
         hourly = client.get("/api/v1/exports/telemetry", params={**RANGE, "bucket": "hour"})
-        # a day's readings locked away: counting them waits, until the time limit
+        # the readings locked away (the partitions or chunks too, in either storage mode):
+        # counting them waits, until the time limit
         with psycopg.connect(seeded.url) as locker:
-            locker.execute("LOCK TABLE telemetry_p20261103 IN ACCESS EXCLUSIVE MODE")
+            locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
             stuck = client.get(
                 "/api/v1/exports/telemetry", params={"start": "2026-11-03", "end": "2026-11-04"}
             )
