@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from iiot_orchestration import ota, ota_acks, pki
+from iiot_orchestration import filestore, ota, ota_acks, pki
 from iiot_orchestration.mqtt import MqttError, MqttOptions
 from iiot_orchestration.resources import PostgresResource
 from iiot_orchestration.retries import retry_transient
@@ -52,8 +52,11 @@ class CertificatesResource(dg.ConfigurableResource):
         return load_settings()
 
     def ca(self) -> pki.CertificateAuthority:
-        directory = Path(self.pki_dir) if self.pki_dir else self.settings().pki_dir
-        return pki.load_ca(directory)
+        settings = self.settings()
+        directory = self.pki_dir or settings.pki_dir
+        if not filestore.is_url(directory):
+            directory = Path(directory)
+        return pki.load_ca(directory, settings.pki_ca_key_file)
 
     def prefix(self) -> str:
         return self.topic_prefix or self.settings().topic_prefix

@@ -3,8 +3,8 @@
 A scratch database gets one tenant (enterprise plan) with 200 energy meters; 100 of them hold
 ``IIOT_BENCH_API_EXPORT_ROWS`` readings (default 1,000,000: one a minute in October 2026), and
 every meter reported both its metrics each minute of the last two hours. `iiot api` runs in a
-subprocess (uvicorn, its default pool of 8 connections), with a rate limit high enough not to
-interfere. Then:
+subprocess (uvicorn, its default pool of 8 connections per process, ``IIOT_BENCH_API_WORKERS``
+processes: one per core by default), with a rate limit high enough not to interfere. Then:
 
 - **export**: the 1,000,000 readings as CSV and as Parquet downloaded from
   `/api/v1/exports/telemetry` (httpx, streamed, discarded), against a bare
@@ -44,6 +44,8 @@ SECONDS = float(os.environ.get("IIOT_BENCH_API_SECONDS", "15"))
 DEVICES = 200
 EXPORT_DEVICES = 100
 RATE = int(os.environ.get("IIOT_BENCH_API_RATE", "200"))
+# server processes of the API under test (IIOT_API_WORKERS): one per core of this machine
+WORKERS = os.environ.get("IIOT_BENCH_API_WORKERS", str(os.cpu_count() or 1))
 CLIENTS = 8
 PER_REQUEST = 10
 EXPORT_START = datetime(2026, 10, 1, tzinfo=UTC)
@@ -102,6 +104,7 @@ def api_server(url: str) -> Iterator[str]:
         IIOT_DATABASE_URL=url,
         IIOT_API_RATE_PER_SECOND="100000",
         IIOT_API_RATE_BURST="100000",
+        IIOT_API_WORKERS=WORKERS,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "iiot_orchestration.cli", "api", "--port", str(port)],

@@ -40,7 +40,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
-from iiot_orchestration import alerts, migrate
+from iiot_orchestration import alerts, filestore, migrate
 from iiot_orchestration.db import APP_ROLES, DatabaseUnavailable, open_connection
 from iiot_orchestration.errors import IiotError
 from iiot_orchestration.manifests import strict_json_object
@@ -480,7 +480,7 @@ def _time(data: dict[str, Any], key: str) -> datetime:
 
 @dataclass(frozen=True)
 class Backup:
-    path: Path  # the backup's directory
+    path: Path | str  # the backup's directory; a URL under a remote root (backup_store.py)
     manifest: Manifest
 
     @property
@@ -488,14 +488,14 @@ class Backup:
         return self.manifest.backup_id
 
     @property
-    def dump_path(self) -> Path:
-        return self.path / DUMP_FILE
+    def dump_path(self) -> Path | str:
+        return filestore.join(self.path, DUMP_FILE)
 
 
-def database_dir(root: Path, database: str) -> Path:
+def database_dir(root: Path | str, database: str) -> Path | str:
     """Backups of one database live in a directory named after it (unsafe characters -> _)."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", database)[:100] or "_"
-    return Path(root) / safe
+    return filestore.join(root, safe)
 
 
 def load_backup(path: Path, database: str | None = None) -> Backup:
@@ -513,24 +513,29 @@ def load_backup(path: Path, database: str | None = None) -> Backup:
         raise ManifestError(f"{manifest_path}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{manifest_path}: cannot be read: {exc}") from None
+    return Backup(path, checked_manifest(text, str(manifest_path), path.name, database))
+
+
+def checked_manifest(text: str, where: str, folder: str, database: str | None) -> Manifest:
+    """The manifest read from ``where``, in the folder ``folder``; ManifestError naming it."""
     try:
         manifest = Manifest.parse(text)
     except ManifestError as exc:
-        raise ManifestError(f"{manifest_path}: {exc}") from None
-    if manifest.backup_id != path.name:
-        raise ManifestError(
-            f"{manifest_path}: names backup {manifest.backup_id}, but lies in {path.name}/"
-        )
+        raise ManifestError(f"{where}: {exc}") from None
+    if manifest.backup_id != folder:
+        raise ManifestError(f"{where}: names backup {manifest.backup_id}, but lies in {folder}/")
     if database is not None and manifest.database != database:
         raise ManifestError(
-            f"{manifest_path}: is a backup of database {manifest.database[:63]!r}, not {database!r}"
+            f"{where}: is a backup of database {manifest.database[:63]!r}, not {database!r}"
         )
-    return Backup(path, manifest)
+    return manifest
 
 
-def list_backups(root: Path, database: str) -> tuple[list[Backup], list[str]]:
+def list_backups(root: Path | str, database: str) -> tuple[list[Backup], list[str]]:
     """Complete backups of ``database``, oldest first, and one line per directory that is not a
     sound backup (listed, never deleted: a person decides about those)."""
+    if filestore.is_url(root):
+        return backup_store().list_backups(str(root), database)
     directory = database_dir(root, database)
     backups, problems = [], []
     if not directory.is_dir():
@@ -549,8 +554,11 @@ def list_backups(root: Path, database: str) -> tuple[list[Backup], list[str]]:
     return backups, problems
 
 
-def find_backup(root: Path, database: str, backup_id: str | None) -> Backup:
-    """The named backup, or the newest one when ``backup_id`` is None or ``latest``."""
+def find_backup(root: Path | str, database: str, backup_id: str | None) -> Backup:
+    """The named backup, or the newest one when ``backup_id`` is None or ``latest`` (under a
+    remote root, downloaded to a local temporary directory)."""
+    if filestore.is_url(root):
+        return backup_store().find_backup(str(root), database, backup_id)
     if backup_id in (None, "latest"):
         backups, _ = list_backups(root, database)
         if not backups:
@@ -580,8 +588,11 @@ def sha256_of(path: Path) -> str:
 def verify_checksum(backup: Backup) -> None:
     """The dump is byte for byte what the backup wrote, or a BackupError saying how not."""
     try:
-        size = backup.dump_path.stat().st_size
-        actual = sha256_of(backup.dump_path)
+        if isinstance(backup.path, str):
+            actual, size = backup_store().checksum(backup)
+        else:
+            size = backup.dump_path.stat().st_size
+            actual = sha256_of(backup.dump_path)
     except OSError as exc:
         raise BackupError(f"backup {backup.backup_id} cannot be read: {exc}") from None
     if actual != backup.manifest.sha256:
@@ -600,11 +611,12 @@ def archive_entries(backup: Backup, client: Client | None = None) -> int:
         client = choose_client(
             discover_clients(), needed, needed_for=f"the archive's pg_dump {needed}"
         )
-    result = subprocess.run(
-        [str(client.pg_restore), "--list", str(backup.dump_path)],
-        capture_output=True,
-        check=False,
-    )
+    with backup_store().local_dump(backup) as dump:
+        result = subprocess.run(
+            [str(client.pg_restore), "--list", str(dump)],
+            capture_output=True,
+            check=False,
+        )
     if result.returncode != 0:
         raise BackupError(
             f"pg_restore cannot read backup {backup.backup_id}: "
@@ -615,6 +627,13 @@ def archive_entries(backup: Backup, client: Client | None = None) -> int:
         for line in result.stdout.decode(errors="replace").splitlines()
         if not line.startswith(";")
     )
+
+
+def backup_store() -> Any:
+    """backup_store.py, for a remote root (imported late: it imports this module)."""
+    from iiot_orchestration import backup_store as remote
+
+    return remote
 
 
 # ---------------------------------------------------------------------------------------------
@@ -992,6 +1011,8 @@ def take_backup(
 ) -> Backup:
     """Dump the database with its manifest under ``root``; on any failure nothing is left but
     the earlier backups (BackupFailed)."""
+    if filestore.is_url(root):
+        return backup_store().take_backup(database_url, str(root), client=client, clock=clock)
     database = database_of(database_url)
     directory = database_dir(root, database)
     started_at = clock()
@@ -1190,6 +1211,9 @@ def rotate(
     keep, delete = rotation_plan(
         [(b.backup_id, b.manifest.started_at) for b in backups], keep_daily, keep_weekly, protected
     )
+    if filestore.is_url(root):
+        deleted = backup_store().delete(str(root), database, delete, clock)
+        return Rotation(keep, deleted, protected)
     directory = database_dir(root, database)
     deleted = []
     for backup_id in delete:
@@ -1322,7 +1346,7 @@ def run_backup(
                 backup_id=exc.backup_id,
                 started_at=exc.started_at,
                 finished_at=clock(),
-                location=database_dir(root, database) / exc.backup_id,
+                location=filestore.join(database_dir(root, database), exc.backup_id),
                 error=str(exc),
             )
             _alert(

@@ -683,8 +683,8 @@ def dev_command(no_dagster: bool) -> None:
 
 # command groups defined in their own modules, which import the helpers above
 from iiot_orchestration.cli_alert_webhook import alert_webhook_command  # noqa: E402
-from iiot_orchestration.cli_api import api_command, api_keys_group  # noqa: E402
 from iiot_orchestration.cli_alerts import alerts_group, dagster_metrics_command  # noqa: E402
+from iiot_orchestration.cli_api import api_command, api_keys_group  # noqa: E402
 from iiot_orchestration.cli_archive import archive_group, tenants_delete_command  # noqa: E402
 from iiot_orchestration.cli_backup import backup_group  # noqa: E402
 from iiot_orchestration.cli_billing import billing_group, set_plan_command  # noqa: E402

@@ -23,26 +23,52 @@ _SHOWN_ONCE = (
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Port [default: IIOT_API_PORT]."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Server processes [default: IIOT_API_WORKERS].",
+)
 @friendly_errors
-def api_command(host: str | None, port: int | None) -> None:
+def api_command(host: str | None, port: int | None, workers: int | None) -> None:
     """Serve the tenant API (/api/v1, OpenAPI at /api/v1/openapi.json) with uvicorn."""
+    import os
+    import tempfile
+
     import uvicorn
 
-    from iiot_orchestration.api.app import create_app
-
     settings = _settings()
-    app = create_app(settings)
     host, port = host or settings.api_host, port or settings.api_port
-    click.echo(f"iiot api on http://{host}:{port}/api/v1 (docs at /api/v1/docs)", err=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
+    workers = workers or settings.api_workers
+    options = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    click.echo(
+        f"iiot api on http://{host}:{port}/api/v1 (docs at /api/v1/docs), "
+        f"{workers} worker{'s' if workers > 1 else ''}",
+        err=True,
     )
+    if workers == 1:
+        from iiot_orchestration.api.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+        return
+    # several processes: each builds the application from the environment, and their metrics
+    # are summed through prometheus_client's multiprocess mode (files in a directory of ours)
+    with tempfile.TemporaryDirectory(prefix="iiot-api-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ["IIOT_API_WORKERS"] = str(workers)
+        uvicorn.run(
+            "iiot_orchestration.api.app:app_from_environment",
+            factory=True,
+            workers=workers,
+            **options,
+        )
 
 
 @click.group("api-keys", cls=HelpGroup)

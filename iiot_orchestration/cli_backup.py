@@ -67,8 +67,8 @@ def _drill_row(result: backups.DrillResult) -> dict[str, Any]:
 
 @click.group("backup", cls=HelpGroup)
 def backup_group() -> None:
-    """Database backups and restore drills (docs/backups.md); point-in-time recovery with
-    pgBackRest under `iiot backup pitr`."""
+    """Database backups, restore drills and point-in-time recovery with pgBackRest
+    (docs/backups.md)."""
 
 
 backup_group.add_command(pitr_group)
@@ -319,7 +319,7 @@ def backup_status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly_errors
 def backup_drills(limit: int, as_json: bool) -> None:
-    """The recorded restore drills of the database, logical and point-in-time, newest first."""
+    """The recorded restore drills of the database, logical and PITR, newest first."""
     _, url, _, database = _target()
     with connect(url, autocommit=True, application_name="iiot-backup") as conn:
         found = backups.drills(conn, database, limit=limit, kind=None)

@@ -73,7 +73,7 @@ def _drill_row(drill: pitr.PitrDrill) -> dict[str, Any]:
 @click.group("pitr", cls=HelpGroup)
 def pitr_group() -> None:
     """Point-in-time recovery with pgBackRest: WAL archiving, base backups, restores to an
-    instant, drills (docs/operations.md#point-in-time-recovery)."""
+    instant, drills (docs/operations.md)."""
 
 
 @pitr_group.command("setup")

@@ -16,7 +16,8 @@ STATUSES = ("active", "pending", "superseded", "revoked")
 
 
 def _ca() -> pki.CertificateAuthority:
-    return pki.load_ca(_settings().pki_dir)
+    settings = _settings()
+    return pki.load_ca(settings.pki_dir, settings.pki_ca_key_file)
 
 
 def _reload_hint(path: Path) -> str:
@@ -35,15 +36,19 @@ def pki_group() -> None:
 @friendly_errors
 def init_command(name: str) -> None:
     """Create the device CA in IIOT_PKI_DIR (key mode 0600); an existing CA is kept."""
-    directory = _settings().pki_dir
-    ca, created = pki.init_ca(directory, name=name)
+    settings = _settings()
+    directory = settings.pki_dir
+    ca, created = pki.init_ca(directory, name=name, key_file=settings.pki_ca_key_file)
     verb = "Created" if created else "Kept the existing"
     click.echo(
         f"{verb} CA {pki.common_name(ca.certificate)!r} in {directory}: fingerprint "
         f"{ca.fingerprint}, valid until {ca.not_after:%Y-%m-%d}."
     )
     if created:
-        click.echo(f"Back up {directory / pki.CA_KEY_FILE}: it cannot be recreated.")
+        click.echo(
+            f"Back up {pki.key_location(directory, settings.pki_ca_key_file)}: it cannot be "
+            "recreated."
+        )
 
 
 @pki_group.command("crl")
@@ -89,7 +94,7 @@ def broker_config_command(out: Path | None, hosts: tuple[str, ...], port: int, b
         crl = pki.refresh_crl(conn, ca)
     files = pki.write_broker_config(
         ca,
-        out or settings.pki_dir / "broker",
+        out or _local_pki_dir(settings.pki_dir, "broker", "--out"),
         prefix=settings.topic_prefix,
         hosts=list(hosts) or ["localhost", "127.0.0.1"],
         port=port,
@@ -185,7 +190,18 @@ def issue_cert_command(mac: str, out: Path | None, csr_path: Path | None, actor:
 
 def device_directory(mac: str) -> Path:
     """The default state directory of a device's gateway agent files."""
-    return _settings().pki_dir / "devices" / mac.replace(":", "-")
+    return _local_pki_dir(_settings().pki_dir, "devices", "--out") / mac.replace(":", "-")
+
+
+def _local_pki_dir(pki_dir: Path | str, name: str, option: str) -> Path:
+    """A folder of IIOT_PKI_DIR for files with private keys; with the PKI in object storage,
+    where private keys never go, the command needs ``option``."""
+    if not isinstance(pki_dir, Path):
+        raise pki.PkiError(
+            f"IIOT_PKI_DIR={pki_dir} is object storage, where private keys never go: "
+            f"give {option} a local directory"
+        )
+    return pki_dir / name
 
 
 def issue_and_write(

@@ -111,6 +111,16 @@ def _location(raw: str) -> str:
     return raw
 
 
+def _root(raw: str) -> Path | str:
+    """A storage root (filestore.py): a local directory, kept a Path exactly as before, or an
+    fsspec URL such as s3://bucket/prefix, kept as given."""
+    if not raw.strip() or "\x00" in raw:
+        raise ValueError("must be a directory path or a URL such as s3://bucket/prefix")
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", raw) and not raw.startswith("file://"):
+        return raw
+    return Path(raw.removeprefix("file://")).expanduser()
+
+
 def _file(raw: str) -> Path:
     if not raw.strip() or "\x00" in raw:
         raise ValueError("must be a file path")
@@ -318,9 +328,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "IIOT_BACKUP_ROOT",
         None,
-        "a directory path",
+        "a directory path or an fsspec URL such as s3://bucket/prefix",
         "Database backups and their manifests. Unset: `<IIOT_DATA_DIR>/backups`.",
-        _path,
+        _root,
     ),
     Variable(
         "IIOT_BACKUP_DATABASE_URL",
@@ -448,17 +458,25 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "IIOT_REPORTS_ROOT",
         None,
-        "a directory path",
+        "a directory path or an fsspec URL such as s3://bucket/prefix",
         "Generated PDF and Excel reports. Unset: `<IIOT_DATA_DIR>/reports`.",
-        _path,
+        _root,
     ),
     Variable(
         "IIOT_PKI_DIR",
         None,
-        "a directory path",
+        "a directory path or an fsspec URL such as s3://bucket/prefix",
         "The device CA (key mode 0600), the CRL and the broker's TLS files (docs/certificates.md). "
         "Unset: `<IIOT_DATA_DIR>/pki`.",
-        _path,
+        _root,
+    ),
+    Variable(
+        "IIOT_PKI_CA_KEY_FILE",
+        None,
+        "a file path",
+        "The device CA's private key (mode 0600), a local file such as a mounted secret; never in "
+        "object storage. Required when IIOT_PKI_DIR is a URL. Unset: `<IIOT_PKI_DIR>/ca.key`.",
+        _file,
     ),
     Variable(
         "IIOT_CERT_RENEWAL_BATCH_SIZE",
@@ -586,6 +604,14 @@ VARIABLES: tuple[Variable, ...] = (
         "a port from 1 to 65535",
         "Port of `iiot api`.",
         _int_range(1, 65535),
+    ),
+    Variable(
+        "IIOT_API_WORKERS",
+        "1",
+        "a whole number from 1 to 64",
+        "Processes `iiot api` serves requests with (uvicorn workers); each gets an equal share "
+        "of every key's rate limit.",
+        _int_range(1, 64),
     ),
     Variable(
         "IIOT_API_RATE_PER_SECOND",
@@ -721,8 +747,8 @@ class Settings:
     storage: StorageMode
     data_dir: Path
     archive_root: str
-    backup_root: Path
-    reports_root: Path
+    backup_root: Path | str  # a local directory, or an fsspec URL (filestore.py)
+    reports_root: Path | str
     partitions_ahead_days: int
     partitions_start: date | None
     rollup_lag_minutes: int
@@ -752,7 +778,8 @@ class Settings:
         ("pro", 240),
         ("enterprise", 60),
     )
-    pki_dir: Path = Path("var") / "pki"
+    pki_dir: Path | str = Path("var") / "pki"
+    pki_ca_key_file: Path | None = None
     cert_renewal_batch_size: int = 10
     cert_offline_days: int = 7
     cert_ack_timeout_hours: int = 48
@@ -766,6 +793,7 @@ class Settings:
     retry_delay_seconds: int = 30
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = 1
     api_rate_per_second: int = 20
     api_rate_burst: int = 40
     api_max_body_bytes: int = 2 * 1024 * 1024
@@ -886,6 +914,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backup_rpo_hours=values["IIOT_BACKUP_RPO_HOURS"],
         backup_rto_minutes=values["IIOT_BACKUP_RTO_MINUTES"],
         pki_dir=values["IIOT_PKI_DIR"] or data_dir / "pki",
+        pki_ca_key_file=values["IIOT_PKI_CA_KEY_FILE"],
         cert_renewal_batch_size=values["IIOT_CERT_RENEWAL_BATCH_SIZE"],
         cert_offline_days=values["IIOT_CERT_OFFLINE_DAYS"],
         cert_ack_timeout_hours=values["IIOT_CERT_ACK_TIMEOUT_HOURS"],
@@ -901,6 +930,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retry_delay_seconds=values["IIOT_RETRY_DELAY_SECONDS"],
         api_host=values["IIOT_API_HOST"],
         api_port=values["IIOT_API_PORT"],
+        api_workers=values["IIOT_API_WORKERS"],
         api_rate_per_second=values["IIOT_API_RATE_PER_SECOND"],
         api_rate_burst=values["IIOT_API_RATE_BURST"],
         api_max_body_bytes=values["IIOT_API_MAX_BODY_BYTES"],
@@ -958,6 +988,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_PITR_PG_BINDIR": settings.pitr_pg_bindir,
         "IIOT_REPORTS_ROOT": settings.reports_root,
         "IIOT_PKI_DIR": settings.pki_dir,
+        "IIOT_PKI_CA_KEY_FILE": settings.pki_ca_key_file,
         "IIOT_CERT_RENEWAL_BATCH_SIZE": settings.cert_renewal_batch_size,
         "IIOT_CERT_OFFLINE_DAYS": settings.cert_offline_days,
         "IIOT_CERT_ACK_TIMEOUT_HOURS": settings.cert_ack_timeout_hours,
@@ -975,6 +1006,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_DAGSTER_PORT": settings.dagster_port,
         "IIOT_API_HOST": settings.api_host,
         "IIOT_API_PORT": settings.api_port,
+        "IIOT_API_WORKERS": settings.api_workers,
         "IIOT_API_RATE_PER_SECOND": settings.api_rate_per_second,
         "IIOT_API_RATE_BURST": settings.api_rate_burst,
         "IIOT_API_MAX_BODY_BYTES": settings.api_max_body_bytes,

@@ -3,6 +3,8 @@ against a real `iiot api` (uvicorn) and PostgreSQL."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -297,3 +299,30 @@ def test_an_unexpected_error_is_a_500_envelope_and_the_connection_stays_usable()
         error = assert_envelope(response, 500, "internal_error")
         assert "a bug" not in response.text
         assert error["request_id"]
+
+
+def test_several_workers_share_the_rate_and_sum_their_metrics(database_url, tmp_path):
+    """`iiot api --workers 2` (IIOT_API_WORKERS): both processes answer, each key's rate is
+    shared between them, and /metrics counts every process's requests."""
+    with psycopg.connect(database_url) as conn:
+        acme = seed_tenant(conn, "acme", devices=1, hours=1)
+    env = {"IIOT_API_WORKERS": "2", "IIOT_API_RATE_PER_SECOND": "1", "IIOT_API_RATE_BURST": "4"}
+    with running_api(database_url, tmp_path, **env) as server:
+        with server.client(acme.keys["viewer"]) as client:
+            started = time.monotonic()
+            statuses = [client.get("/api/v1/me").status_code for _ in range(12)]
+            elapsed = time.monotonic() - started
+        with server.client() as client:
+            pages = [client.get("/metrics").text for _ in range(4)]
+    # the key's burst of 4 and 1 a second, split over the two workers: at most 4 pass at once
+    # and one more a second, whichever worker answers (unsplit, 8 and two a second would)
+    assert statuses.count(200) <= 4 + int(elapsed), (statuses, elapsed)
+    assert set(statuses) == {200, 429}
+    for text in pages:  # whichever process answers counts both processes' requests
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("iiot_api_requests_total{") and 'route="/api/v1/me"' in line
+        )
+        assert counted == 12, text
+    assert "2 workers" in server.output()

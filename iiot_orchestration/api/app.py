@@ -182,6 +182,15 @@ async def _empty_receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+def app_from_environment() -> FastAPI:
+    """The application of one `iiot api --workers N` process (uvicorn calls it in each)."""
+    from iiot_orchestration.logs import configure_from_environment
+    from iiot_orchestration.settings import load_settings
+
+    configure_from_environment("iiot-api")
+    return create_app(load_settings())
+
+
 def create_app(settings: Settings, database_url: str | None = None) -> FastAPI:
     """The API application; the pool opens when the server starts and closes when it stops."""
     url = database_url or settings.require_database_url()
@@ -206,7 +215,11 @@ def create_app(settings: Settings, database_url: str | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.pool = make_pool(url)
-    app.state.buckets = TokenBuckets(settings.api_rate_per_second, settings.api_rate_burst)
+    # N workers share each key's rate: every process allows its part (requests spread evenly)
+    workers = max(1, settings.api_workers)
+    app.state.buckets = TokenBuckets(
+        settings.api_rate_per_second / workers, max(1, -(-settings.api_rate_burst // workers))
+    )
     app.state.metrics = metrics
     errors.install(app)
     from iiot_orchestration.api.routes import include_all
