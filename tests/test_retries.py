@@ -168,7 +168,7 @@ def test_every_nightly_asset_retries_transient_errors():
         and value.keys  # not an asset check alone
         and value.op.compute_fn.decorated_fn.__module__ == module.__name__
     ]
-    assert len(definitions) == 11
+    assert len(definitions) == 13  # 11, and the point-in-time backup and drill
     unwrapped = [
         d.node_def.name
         for d in definitions
