@@ -650,6 +650,13 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 86_400),
     ),
     Variable(
+        "IIOT_API_POOL_TIMEOUT_SECONDS",
+        "10",
+        "a whole number from 1 to 300",
+        "Longest a request waits for a database connection of the API's pools; then 503.",
+        _int_range(1, 300),
+    ),
+    Variable(
         "IIOT_API_KEY_GRACE_HOURS",
         "24",
         "a whole number from 0 to 8760",
@@ -799,6 +806,7 @@ class Settings:
     api_max_body_bytes: int = 2 * 1024 * 1024
     api_export_max_rows: int = 10_000_000
     api_export_timeout_seconds: int = 600
+    api_pool_timeout_seconds: int = 10
     api_key_grace_hours: int = 24
     pitr_stanza: str | None = None
     pitr_repo: Path = Path("var") / "pgbackrest" / "repo"
@@ -936,6 +944,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_max_body_bytes=values["IIOT_API_MAX_BODY_BYTES"],
         api_export_max_rows=values["IIOT_API_EXPORT_MAX_ROWS"],
         api_export_timeout_seconds=values["IIOT_API_EXPORT_TIMEOUT_SECONDS"],
+        api_pool_timeout_seconds=values["IIOT_API_POOL_TIMEOUT_SECONDS"],
         api_key_grace_hours=values["IIOT_API_KEY_GRACE_HOURS"],
         pitr_stanza=values["IIOT_PITR_STANZA"],
         pitr_repo=values["IIOT_PITR_REPO"] or data_dir / "pgbackrest" / "repo",
@@ -1012,6 +1021,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_API_MAX_BODY_BYTES": settings.api_max_body_bytes,
         "IIOT_API_EXPORT_MAX_ROWS": settings.api_export_max_rows,
         "IIOT_API_EXPORT_TIMEOUT_SECONDS": settings.api_export_timeout_seconds,
+        "IIOT_API_POOL_TIMEOUT_SECONDS": settings.api_pool_timeout_seconds,
         "IIOT_API_KEY_GRACE_HOURS": settings.api_key_grace_hours,
         "IIOT_LOG_LEVEL": settings.log_level,
         "IIOT_LOG_FORMAT": settings.log_format,

@@ -250,13 +250,18 @@ def test_health_and_metrics(api):
 def test_without_the_database_requests_get_503_and_the_connection_stays_usable(tmp_path):
     url = "postgresql://nobody@127.0.0.1:1/none"
     key = keys.generate()[1]
-    with running_api(url, tmp_path) as server, server.client(key) as client:
+    with (
+        running_api(url, tmp_path, IIOT_API_POOL_TIMEOUT_SECONDS="2") as server,
+        server.client(key) as client,
+    ):
         ready = client.get("/health/ready")
         keyed = client.get("/api/v1/me")
+        latest = client.get("/api/v1/telemetry/latest")  # a route on the asyncio pool
         assert client.get("/health/live").status_code == 200  # same kept-alive connection
     assert_envelope(ready, 503, "unavailable")
-    assert_envelope(keyed, 503, "unavailable")
-    assert keyed.headers["retry-after"] == "5"
+    for response in (keyed, latest):
+        assert_envelope(response, 503, "unavailable")
+        assert response.headers["retry-after"] == "5"
 
 
 def test_an_unexpected_error_is_a_500_envelope_and_the_connection_stays_usable():

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from iiot_orchestration.api import API_PREFIX, errors
-from iiot_orchestration.api.context import TokenBuckets, make_pool
+from iiot_orchestration.api.context import TokenBuckets, make_async_pool, make_pool
 from iiot_orchestration.settings import Settings
 
 log = logging.getLogger("iiot.api")
@@ -192,16 +192,20 @@ def app_from_environment() -> FastAPI:
 
 
 def create_app(settings: Settings, database_url: str | None = None) -> FastAPI:
-    """The API application; the pool opens when the server starts and closes when it stops."""
+    """The API application; the pools open when the server starts and close when it stops."""
     url = database_url or settings.require_database_url()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool.open(wait=False)
+        # the hot reads' pool (context.AsyncViewer): made in the server's event loop
+        app.state.async_pool = make_async_pool(url)
+        await app.state.async_pool.open(wait=False)
         try:
             yield
         finally:
+            await app.state.async_pool.close()
             app.state.pool.close()
 
     app = FastAPI(

@@ -25,8 +25,6 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from iiot_orchestration.api.context import POOL_WAIT_SECONDS
-
 log = logging.getLogger("iiot.api")
 
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
@@ -167,13 +165,14 @@ def stream(
     chunks: Callable[[psycopg.Connection], Iterator[bytes]],
     *,
     request_id: str = "",
+    pool_timeout: float = 10.0,
 ) -> Iterator[bytes]:
     """``chunks`` of an export on a pooled connection of its own, in a read-only transaction of
     ``tenant_id`` (the session's, never the request's) that ``timeout_seconds`` bound: the COPY
     statement by ``statement_timeout``, a cursor's whole run by a deadline between batches."""
     deadline = time.monotonic() + timeout_seconds
     sent = 0
-    with pool.connection(timeout=POOL_WAIT_SECONDS) as conn, conn.transaction():
+    with pool.connection(timeout=pool_timeout) as conn, conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
         conn.execute(
             "SELECT set_config('iiot.tenant_id', %s, true),"

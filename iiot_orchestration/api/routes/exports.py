@@ -162,12 +162,14 @@ def _file_response(
             headers={"Retry-After": "10"},
         )
     chunks = exports.csv_chunks if fmt == "csv" else exports.parquet_chunks
+    settings = request.app.state.settings
     body = exports.stream(
         request.app.state.pool,
         s.tenant(),
-        request.app.state.settings.api_export_timeout_seconds,
+        settings.api_export_timeout_seconds,
         lambda conn: chunks(conn, query),
         request_id=s.request_id,
+        pool_timeout=settings.api_pool_timeout_seconds,
     )
     return StreamingResponse(
         exports.streamed(body, release),

@@ -14,7 +14,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health/live", summary="The process answers")
-def live() -> dict[str, str]:
+async def live() -> dict[str, str]:
     return {"status": "live"}
 
 

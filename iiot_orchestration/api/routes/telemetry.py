@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Query
 from pydantic import BaseModel, Field
 
-from iiot_orchestration.api.context import Session, Viewer
+from iiot_orchestration.api.context import AsyncSession, AsyncViewer, Session, Viewer
 from iiot_orchestration.api.errors import ApiError, keyed_router, not_found
 from iiot_orchestration.api.pagination import Cursor, Limit, decode, encode
 
@@ -250,9 +250,9 @@ def latest_params(
     }
 
 
-def older_readings(s: Session, series: list[dict[str, Any]], since: datetime) -> None:
+async def older_readings(s: AsyncSession, series: list[dict[str, Any]], since: datetime) -> None:
     """Fill in ``ts`` and ``value`` of ``series`` (none found since ``since``) from before."""
-    found = s.rows(
+    found = await s.rows(
         LATEST_OLDER,
         {
             "devices": [r["device_id"] for r in series],
@@ -274,8 +274,8 @@ def older_readings(s: Session, series: list[dict[str, Any]], since: datetime) ->
     response_model=LatestPage,
     summary="The latest reading of each device and metric",
 )
-def latest(
-    s: Viewer,
+async def latest(
+    s: AsyncViewer,
     device_id: DeviceIds = None,
     metric: Metrics = None,
     limit: Limit = 1000,
@@ -286,7 +286,7 @@ def latest(
     s.tenant()  # a platform key names its tenant
     after = decode(cursor, int, str) or [0, ""]
     params = latest_params(device_id, metric, after, limit)
-    rows = s.rows(LATEST, params)
+    rows = await s.rows(LATEST, params)
     head = rows[0]
     if head["unknown_device"] is not None:
         raise not_found(f"device {head['unknown_device']}")
@@ -295,7 +295,7 @@ def latest(
     series = [{k: row[k] for k in LATEST_ITEM} for row in rows if row["device_id"] is not None]
     quiet = [row for row in series if row["ts"] is None]
     if quiet:
-        older_readings(s, quiet, params["since"])
+        await older_readings(s, quiet, params["since"])
     next_cursor = encode([head["last_device"], head["last_metric"]]) if head["more"] else None
     return {"items": [row for row in series if row["ts"] is not None], "next_cursor": next_cursor}
 
