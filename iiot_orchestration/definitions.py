@@ -19,6 +19,7 @@ from assets import (
 from assets.backups import BackupResource
 from assets.certificates import CertificatesResource
 from assets.retention import ArchiveResource
+from iiot_orchestration.celery_executor import job_executor
 from iiot_orchestration.resources import PostgresResource
 from sensors import alerts as alert_sensors
 from sensors import backups as backup_schedules
@@ -123,4 +124,6 @@ defs = dg.Definitions(
         "certificates": CertificatesResource(),
         "archive": ArchiveResource(),
     },
+    # Dagster's default, or Celery workers with IIOT_DAGSTER_EXECUTOR=celery
+    executor=job_executor(),
 )
