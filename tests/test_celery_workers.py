@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -380,3 +381,97 @@ def test_a_rollup_backfill_runs_on_two_workers(site, conn, seeded, tmp_path):  #
     # acme's reading of the 19th at 23:48, its seven of the 20th and the other tenant's one
     assert days == [(DAY - timedelta(days=1), 1), (DAY, 8)]
     assert_nothing_on_local_disk(site, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Kubernetes variant, without a cluster
+
+
+def helm_values() -> dict:
+    return yaml.safe_load((K8S / "values.yaml").read_text())
+
+
+def test_the_k8s_run_launcher_the_chart_renders_is_valid(monkeypatch):
+    """The run launcher of the chart's dagster.yaml (its template's mapping of the values)
+    passes dagster-k8s's own schema, and so does the run queue."""
+    from dagster import QueuedRunCoordinator
+    from dagster_k8s import K8sRunLauncher
+
+    values = helm_values()
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    rendered = {
+        "load_incluster_config": launcher["loadInclusterConfig"],
+        "job_namespace": launcher.get("jobNamespace", "iiot"),  # else the release's
+        "image_pull_policy": launcher["imagePullPolicy"],
+        "service_account_name": "dagster",
+        "dagster_home": {"env": "DAGSTER_HOME"},
+        "instance_config_map": {"env": "DAGSTER_K8S_INSTANCE_CONFIG_MAP"},
+        "postgres_password_secret": {"env": "DAGSTER_K8S_PG_PASSWORD_SECRET"},
+        "env_config_maps": [{"env": "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP"}],
+        "env_secrets": [s["name"] for s in launcher["envSecrets"]],
+        "env_vars": launcher["envVars"],
+        "resources": launcher["resources"],
+        "fail_pod_on_run_failure": launcher["failPodOnRunFailure"],
+    }
+    for name, value in (
+        ("DAGSTER_HOME", values["global"]["dagsterHome"]),
+        ("DAGSTER_K8S_INSTANCE_CONFIG_MAP", "dagster-instance"),
+        ("DAGSTER_K8S_PG_PASSWORD_SECRET", values["global"]["postgresqlSecretName"]),
+        ("DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP", "dagster-pipeline-env"),
+    ):
+        monkeypatch.setenv(name, value)
+    checked = process_config(K8sRunLauncher.config_type(), rendered)
+    assert checked.success, checked.errors
+    assert checked.value["env_secrets"] == ["iiot-env"]
+    bad = process_config(K8sRunLauncher.config_type(), {**rendered, "image_pull_policy": 3})
+    assert not bad.success  # the schema does refuse
+
+    queue = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    limits = [
+        {"key": t["key"], "value": {"applyLimitPerUniqueValue": True}, "limit": t["limit"]}
+        for t in queue["tagConcurrencyLimits"]
+    ]
+    coordinator = {
+        "max_concurrent_runs": queue["maxConcurrentRuns"],
+        "tag_concurrency_limits": limits,
+    }
+    assert process_config(QueuedRunCoordinator.config_type(), coordinator).success
+    # the same run queue as dagster.yaml's
+    production = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    assert limits == production["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert values["computeLogManager"]["type"] == "NoOpComputeLogManager"
+    assert values["postgresql"]["enabled"] is False  # the platform's server, not the chart's
+
+
+def test_the_user_deployment_names_what_the_project_has():
+    """The code server's command parses, its module is the project's Definitions, the image
+    drops the `iiot` entry point and derives from the project's image, and every variable the
+    values set is a setting or the executor's."""
+    from dagster._cli import cli as dagster_cli
+
+    from iiot_orchestration.settings import VARIABLES
+
+    values = helm_values()
+    [deployment] = values["dagster-user-deployments"]["deployments"]
+    every_interface = "0.0.0.0"  # noqa: S104 (the chart's own arguments)
+    args = ["-h", every_interface, "-p", str(deployment["port"]), *deployment["codeServerArgs"]]
+    start = dagster_cli.commands["code-server"].commands["start"]
+    parsed = start.make_context("start", list(args)).params
+    assert parsed["module_name"] == "iiot_orchestration.definitions"
+    __import__(parsed["module_name"])
+
+    image = (K8S / "Containerfile").read_text()
+    project = (REPO_ROOT / "ops" / "container" / "Containerfile").read_text()
+    base = re.search(r"^FROM (\S+)", image, re.MULTILINE).group(1)
+    assert f"-t {base} ." in project  # the tag the project's image is built with
+    assert re.search(r"^ENTRYPOINT \[\]$", image, re.MULTILINE)
+    repository = deployment["image"]["repository"]
+    assert f"-t {repository}:{deployment['image']['tag']} ." in image
+
+    known = {v.name for v in VARIABLES} | {EXECUTOR_VARIABLE, BROKER_VARIABLE, QUEUE_VARIABLE}
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    named = {e["name"] for e in deployment["env"]} | {v.split("=")[0] for v in launcher["envVars"]}
+    assert named <= known, named - known
+    executor = {e["name"]: e["value"] for e in deployment["env"]}[EXECUTOR_VARIABLE]
+    assert job_executor({EXECUTOR_VARIABLE: executor}) is None  # steps in the run's pod
