@@ -12,11 +12,12 @@ processes: one per core by default), with a rate limit high enough not to interf
   connection of the table's owner, read and discarded; best of ``IIOT_BENCH_API_REPEAT`` (3);
 - **latest**: `/api/v1/telemetry/latest` for 10 random meters (20 series) at 200 requests a
   second (``IIOT_BENCH_API_RATE``), from 8 client processes each on its own schedule (each a
-  kept-alive ``http.client`` connection), for
-  ``IIOT_BENCH_API_SECONDS`` (15), against the same statement (telemetry.LATEST, as app_rw with
-  the tenant set) on 8 bare psycopg connections under the same load. A latency is measured from
-  the moment a request was due, so a server that falls behind is charged for it; "achieved" is
-  the rate the answers came at (below the offered rate: the server could not keep up).
+  kept-alive ``http.client`` connection), for ``IIOT_BENCH_API_SECONDS`` (15), against the same
+  statement (telemetry.LATEST, as app_rw with the tenant set) on 8 bare psycopg connections under
+  the same load; then the same requests from httpx clients, for comparison. A latency is
+  measured from the moment a request was due, so a server that falls behind is charged for it;
+  "achieved" is the rate the answers came at (below the offered rate: the server could not keep
+  up).
 """
 
 import http.client
@@ -206,13 +207,32 @@ class ApiClient:
         self.http.close()
 
 
+class HttpxClient:
+    """httpx, for comparison: its own CPU a request is charged to the API on these two cores."""
+
+    def __init__(self, base: str, key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        self.http = httpx.Client(base_url=base, headers=headers, timeout=30)
+
+    def latest(self, devices: list[int]) -> None:
+        response = self.http.get("/api/v1/telemetry/latest", params={"device_id": devices})
+        response.raise_for_status()
+        assert len(response.json()["items"]) == 2 * PER_REQUEST
+
+    def close(self) -> None:
+        self.http.close()
+
+
+CLIENT_KINDS = {"bare": BareClient, "api": ApiClient, "api-httpx": HttpxClient}
+
+
 def client_process(
     n: int, kind: str, target: tuple, devices: list[int], ready, start, answers
 ) -> None:
     """One client: RATE / CLIENTS requests a second from ``start`` (wall clock, set once every
     client is ready), each for PER_REQUEST random ``devices``; its (due, latency) pairs go to
     ``answers``."""
-    client = BareClient(*target) if kind == "bare" else ApiClient(*target)
+    client = CLIENT_KINDS[kind](*target)
     rng = random.Random(n)
     interval = CLIENTS / RATE
     ready.wait()  # every client connected
@@ -280,6 +300,7 @@ def main() -> None:
             bare_latencies = under_load("bare", (url, tenant_id), devices)
             under_load("api", (base, key), devices)  # warm up the server's pool and plans
             api_latencies = under_load("api", (base, key), devices)
+            httpx_latencies = under_load("api-httpx", (base, key), devices)
 
     print(f"export of {EXPORT_ROWS:,} readings (best of {REPEAT})")
     print(f"{'case':<46}{'seconds':>9}{'rows/s':>12}{'ratio':>8}")
@@ -303,6 +324,7 @@ def main() -> None:
     for label, (latencies, achieved) in (
         ("bare psycopg, the same query (baseline)", bare_latencies),
         ("GET /telemetry/latest", api_latencies),
+        ("the same, clients on httpx", httpx_latencies),
     ):
         p50, p99 = percentiles(latencies)
         print(f"{label:<40}{achieved:>11.0f}{p50:>9.1f}{p99:>9.1f}{p99 / bare_p99:>10.2f}")

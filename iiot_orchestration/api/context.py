@@ -304,13 +304,12 @@ def open_session(
 async def open_async_session(
     request: Request, key: str, acting_for: str | None, minimum: str, *, needs_tenant: bool = True
 ) -> AsyncIterator[AsyncSession]:
-    """``open_session`` on the asyncio pool."""
+    """``open_session`` on the asyncio pool. ``AsyncViewer``'s dependency lives as long as the
+    request, so its ``COMMIT`` goes after the response has been sent (the session only reads)."""
     digest = _digest(key)
     state = request.app.state
-    # pipeline mode: BEGIN goes with the authentication, and COMMIT with the pipeline's end
     async with (
         _async_pooled(state.async_pool, state.settings.api_pool_timeout_seconds) as conn,
-        conn.pipeline(),
         conn.transaction(),
     ):
         found = await (await conn.execute(AUTHENTICATE, (digest, acting_for or None))).fetchone()
@@ -347,7 +346,7 @@ def _requiring_async(minimum: str):
             yield session
 
     dependency.__name__ = f"{minimum}_session"
-    return Depends(dependency, scope="function")
+    return Depends(dependency, scope="request")
 
 
 Viewer = Annotated[Session, _requiring("viewer")]
