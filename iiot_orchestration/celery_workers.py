@@ -31,11 +31,14 @@ WORKER_KEY = "Celery worker"
 
 
 def worker_argv(name: str, queue: str, config: Path = WORKER_CONFIG) -> list[str]:
-    """The command of one worker named ``name`` taking one step at a time from ``queue``."""
+    """The command of one worker named ``name`` taking one step at a time from ``queue``; it
+    loads the code location when it starts (a broken one stops it there), not at its first
+    step."""
     cli = Path(sys.executable).with_name("dagster-celery")
     return [
         str(cli), "worker", "start", "-A", "dagster_celery.app", "-y", str(config),
-        "-q", queue, "-n", name, "--", "--concurrency=1", "--without-gossip", "--without-mingle",
+        "-q", queue, "-n", name, "-i", DEFINITIONS,
+        "--", "--concurrency=1", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 
 
