@@ -24,7 +24,9 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO
 
 from iiot_orchestration.errors import IiotError
@@ -81,6 +83,31 @@ class Store:
         raise NotImplementedError
 
     def open_read(self, relative: str) -> BinaryIO:
+        raise NotImplementedError
+
+    def stat(self, relative: str) -> tuple[int, datetime] | None:
+        """(bytes, modification time in UTC) of a file; None when it is absent or a folder."""
+        raise NotImplementedError
+
+    def files(self, relative: str = "") -> dict[str, tuple[int, datetime]]:
+        """Every file under the folder ``relative`` (at any depth), keyed by its name relative to
+        the root, with what ``stat`` gives; {} when the folder is absent."""
+        raise NotImplementedError
+
+    def stream(self, relative: str, size: int = CHUNK) -> tuple[int, Iterator[bytes]]:
+        """(bytes, the file's content in pieces of at most ``size``), for sending it on. The file
+        is opened here: an absent one raises FileNotFoundError and an unreadable one this store's
+        error before any piece is read, and the length is the opened file's."""
+        f, length = self._open_sized(relative, size)
+
+        def pieces() -> Iterator[bytes]:
+            with f:
+                while piece := f.read(size):
+                    yield piece
+
+        return length, pieces()
+
+    def _open_sized(self, relative: str, size: int) -> tuple[BinaryIO, int]:
         raise NotImplementedError
 
     def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
@@ -176,6 +203,36 @@ class LocalStore(Store):
 
     def open_read(self, relative: str) -> BinaryIO:
         return self._path(relative).open("rb")
+
+    def stat(self, relative: str) -> tuple[int, datetime] | None:
+        path = self._path(relative)
+        try:
+            found = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self.error(f"{path} cannot be read: {exc.strerror or exc}") from None
+        if not S_ISREG(found.st_mode):
+            return None
+        return found.st_size, datetime.fromtimestamp(found.st_mtime, UTC)
+
+    def files(self, relative: str = "") -> dict[str, tuple[int, datetime]]:
+        found = {}
+        for path in sorted(self._path(relative).rglob("*")):
+            key = path.relative_to(self._root).as_posix()
+            if (entry := self.stat(key)) is not None:
+                found[key] = entry
+        return found
+
+    def _open_sized(self, relative: str, size: int) -> tuple[BinaryIO, int]:
+        path = self._path(relative)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise self.error(f"{path} cannot be read: {exc.strerror or exc}") from None
+        return f, os.fstat(f.fileno()).st_size
 
     def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
         target = self._path(relative)
@@ -277,6 +334,56 @@ class FsspecStore(Store):
 
     def open_read(self, relative: str) -> BinaryIO:
         return self.fs.open(self._path(relative), "rb")
+
+    def stat(self, relative: str) -> tuple[int, datetime] | None:
+        path = self._path(relative)
+        try:
+            self.fs.invalidate_cache(path)  # a listing cached earlier may be out of date
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # botocore's connection errors are no OSError
+            raise self.error(f"{self.describe(relative)} cannot be read: {exc}") from None
+        if info.get("type") != "file":
+            return None
+        return int(info["size"]), self._modified(path, info)
+
+    def files(self, relative: str = "") -> dict[str, tuple[int, datetime]]:
+        path = self._path(relative).rstrip("/")
+        try:
+            found = self.fs.find(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # botocore's connection errors are no OSError
+            raise self.error(f"{self.describe(relative)} cannot be listed: {exc}") from None
+        prefix = f"{self._base}/"
+        return {
+            name.removeprefix(prefix): (int(info["size"]), self._modified(name, info))
+            for name, info in sorted(found.items())
+            if info.get("type") == "file" and name.startswith(prefix)
+        }
+
+    def _modified(self, path: str, info: dict) -> datetime:
+        """The modification time in an fsspec listing: S3's LastModified, a local mtime, Azure's
+        last_modified, GCS's updated; asked for separately when the listing has none."""
+        for field in ("LastModified", "mtime", "last_modified", "updated"):
+            value = info.get(field)
+            if isinstance(value, str):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if isinstance(value, int | float):
+                return datetime.fromtimestamp(value, UTC)
+            if isinstance(value, datetime):
+                return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return self.fs.modified(path).astimezone(UTC)
+
+    def _open_sized(self, relative: str, size: int) -> tuple[BinaryIO, int]:
+        try:  # read ahead one piece at a time, not the file system's default block (50 MB on S3)
+            f = self.fs.open(self._path(relative), "rb", block_size=size)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # botocore's connection errors are no OSError
+            raise self.error(f"{self.describe(relative)} cannot be read: {exc}") from None
+        return f, int(f.size)
 
     def open_temporary(self, relative: str) -> tuple[str, BinaryIO]:
         folder, _, name = self._path(relative).rpartition("/")

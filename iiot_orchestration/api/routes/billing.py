@@ -4,26 +4,36 @@ invoice of another tenant is a 404 like one that does not exist."""
 
 from __future__ import annotations
 
+import logging
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from fastapi import Query, Request
-from fastapi.responses import FileResponse
+from fastapi import Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from iiot_orchestration import billing
+from iiot_orchestration import billing, filestore
 from iiot_orchestration.api import API_PREFIX
 from iiot_orchestration.api.context import Session, Viewer
-from iiot_orchestration.api.errors import ApiError, keyed_router, not_found
+from iiot_orchestration.api.errors import ApiError, ErrorEnvelope, keyed_router, not_found
 from iiot_orchestration.api.pagination import Cursor, Limit, Page, decode, page
 from iiot_orchestration.api.routes.consumption import MONTH_PATTERN, after_key
 from iiot_orchestration.reports.data import check_slug
+from iiot_orchestration.reports.files import ROOT_VARIABLE
 
+log = logging.getLogger(__name__)
 router = keyed_router("billing")
+STORE_DOWN = {
+    "model": ErrorEnvelope,
+    "description": "The database, or the reports root on object storage, is unavailable: retry "
+    "after Retry-After seconds",
+}
 
 FORMATS = {
     "pdf": "application/pdf",
@@ -154,21 +164,107 @@ def _fraction(kind: str, unit: str, days: int) -> str:
     return "1"
 
 
-def tenant_root(request: Request, s: Session) -> Path:
-    """The key's tenant's folder under IIOT_REPORTS_ROOT (reports and invoices)."""
-    s.tenant()
-    return Path(request.app.state.settings.reports_root) / check_slug(s.tenant_slug or "")
+class TenantFolder:
+    """The key's tenant's folder under IIOT_REPORTS_ROOT, which holds its reports and invoice
+    files: a local directory read with plain file operations (a file or folder linking out of it
+    is not there), or a prefix on object storage read through filestore.py. The folder's name
+    comes from the session's tenant, never from the request; the names under it are built from
+    validated parts. A store that cannot be reached is a 503 that names neither its endpoint nor
+    its bucket (the log, with the request id, has the error)."""
+
+    def __init__(self, request: Request, s: Session) -> None:
+        s.tenant()
+        self.slug = check_slug(s.tenant_slug or "")
+        self.request_id = s.request_id
+        root = request.app.state.settings.reports_root
+        self.remote = filestore.is_url(root)
+        self.root = str(root) if self.remote else Path(root)
+        self._listed: dict[str, tuple[int, datetime]] | None = None
+
+    def _local(self, *parts: str) -> Path:
+        return Path(self.root).joinpath(self.slug, *parts)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self.slug, *parts))
+
+    @contextmanager
+    def _store(self, doing: str) -> Iterator[filestore.Store]:
+        try:
+            yield filestore.open_root(self.root, ROOT_VARIABLE)
+        except filestore.StoreError as exc:
+            raise self._unavailable(doing, exc) from None
+
+    def _unavailable(self, doing: str, exc: Exception) -> ApiError:
+        log.warning(
+            "reports store failed",
+            extra={"request_id": self.request_id, "doing": doing, "error": str(exc)[:500]},
+        )
+        return ApiError(
+            503,
+            f"the store of reports and invoice files cannot be reached ({doing}); retry later",
+            code="unavailable",
+            headers={"Retry-After": "5"},
+        )
+
+    def folders(self) -> list[str]:
+        """The names in the tenant's folder (a folder per period); remotely, one listing of
+        every file under it, which ``stat`` then answers from."""
+        if not self.remote:
+            try:
+                return [entry.name for entry in self._local().iterdir()]
+            except OSError:  # nothing written yet, or a root that cannot be read
+                return []
+        with self._store("listing files") as store:
+            self._listed = store.files(self.slug)
+        under = (key.removeprefix(f"{self.slug}/") for key in self._listed)
+        return sorted({name.partition("/")[0] for name in under if "/" in name})
+
+    def stat(self, *parts: str) -> tuple[int, datetime] | None:
+        """Size and modification time of the file ``parts`` under the folder, None when there
+        is none."""
+        if not self.remote:
+            return regular_file(self._local(*parts), self._local())
+        if self._listed is not None:
+            return self._listed.get(self._key(*parts))
+        with self._store("reading a file") as store:
+            return store.stat(self._key(*parts))
+
+    def download(
+        self, parts: tuple[str, ...], media_type: str, filename: str, missing: ApiError
+    ) -> Response:
+        """The file as an attachment named ``filename``; ``missing`` when there is none."""
+        if not self.remote:
+            if self.stat(*parts) is None:
+                raise missing
+            return FileResponse(self._local(*parts), media_type=media_type, filename=filename)
+        with self._store("reading a file") as store:
+            try:
+                length, pieces = store.stream(self._key(*parts))
+            except FileNotFoundError:
+                raise missing from None
+        headers = {
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        }
+        return StreamingResponse(self._logged(pieces), media_type=media_type, headers=headers)
+
+    def _logged(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        """The pieces; a failure once the headers are out can only cut the response short (the
+        client sees fewer bytes than Content-Length), so it is logged."""
+        try:
+            yield from pieces
+        except Exception as exc:
+            log.warning(
+                "download cut short",
+                extra={"request_id": self.request_id, "error": str(exc)[:500]},
+            )
+            raise
 
 
-def invoice_file(
-    request: Request, s: Session, row: dict[str, Any], fmt: str
-) -> tuple[Path, tuple[int, datetime] | None]:
-    """The file the invoice run writes (billing_exports.export), its path built from the
-    database row and the key's tenant, never from the request; with its size and time, or None
-    before it is written."""
-    folder = tenant_root(request, s)
-    path = folder / f"{row['period']:%Y-%m}" / f"invoice.{fmt}"
-    return path, regular_file(path, folder)
+def invoice_file(row: dict[str, Any], fmt: str) -> tuple[str, str]:
+    """Where the invoice run writes the file (billing_exports.export) in the tenant's folder,
+    from the database row, never from the request."""
+    return f"{row['period']:%Y-%m}", f"invoice.{fmt}"
 
 
 def regular_file(path: Path, within: Path) -> tuple[int, datetime] | None:
@@ -218,6 +314,7 @@ def list_invoices(
     "/invoices/{invoice_id}",
     response_model=InvoiceDetail,
     summary="An invoice with its lines and files",
+    responses={503: STORE_DOWN},
 )
 def get_invoice(s: Viewer, invoice_id: InvoiceId, request: Request) -> dict:
     s.tenant()
@@ -234,8 +331,9 @@ def get_invoice(s: Viewer, invoice_id: InvoiceId, request: Request) -> dict:
         line["unit_price"] = decimal_text(line["unit_price"], 2)
         line["amount"] = str(line["amount"])
     files = []
+    folder = TenantFolder(request, s)
     for fmt in FORMATS:
-        _, found = invoice_file(request, s, row, fmt)
+        found = folder.stat(*invoice_file(row, fmt))
         if found:
             url = f"{API_PREFIX}/invoices/{invoice_id}/{fmt}"
             files.append({"format": fmt, "url": url, "size": found[0], "modified": found[1]})
@@ -247,24 +345,22 @@ def get_invoice(s: Viewer, invoice_id: InvoiceId, request: Request) -> dict:
     response_class=FileResponse,
     summary="The invoice's PDF or XLSX as exported by the invoice run",
     responses={
-        200: {"content": {mime: {} for mime in FORMATS.values()}, "description": "The file"}
+        200: {"content": {mime: {} for mime in FORMATS.values()}, "description": "The file"},
+        503: STORE_DOWN,
     },
 )
-def invoice_download(
-    s: Viewer, invoice_id: InvoiceId, fmt: Format, request: Request
-) -> FileResponse:
+def invoice_download(s: Viewer, invoice_id: InvoiceId, fmt: Format, request: Request) -> Response:
     s.tenant()
     row = _invoice_row(s, invoice_id)
-    path, found = invoice_file(request, s, row, fmt)
-    if found is None:
-        raise ApiError(
-            404,
-            f"the {fmt.upper()} of invoice {invoice_id} ({row['period']:%Y-%m}) has not been "
-            "exported yet: the nightly invoice run writes it",
-            code="not_exported",
-        )
-    name = f"invoice-{s.tenant_slug}-{row['period']:%Y-%m}.{fmt}"
-    return FileResponse(path, media_type=FORMATS[fmt], filename=name)
+    folder = TenantFolder(request, s)
+    missing = ApiError(
+        404,
+        f"the {fmt.upper()} of invoice {invoice_id} ({row['period']:%Y-%m}) has not been "
+        "exported yet: the nightly invoice run writes it",
+        code="not_exported",
+    )
+    name = f"invoice-{folder.slug}-{row['period']:%Y-%m}.{fmt}"
+    return folder.download(invoice_file(row, fmt), FORMATS[fmt], name, missing)
 
 
 @router.get(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -24,14 +23,14 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from iiot_orchestration.api import API_PREFIX
-from iiot_orchestration.api.context import Editor, Session, Viewer
+from iiot_orchestration.api.context import Editor, Viewer
 from iiot_orchestration.api.dagster_runs import FINISHED, DagsterRuns
 from iiot_orchestration.api.errors import ApiError, ErrorEnvelope, keyed_router, not_found
 from iiot_orchestration.api.pagination import Cursor, Limit, Page, decode, page
-from iiot_orchestration.api.routes.billing import FORMATS, Format, regular_file, tenant_root
+from iiot_orchestration.api.routes.billing import FORMATS, STORE_DOWN, Format, TenantFolder
 from iiot_orchestration.api.routes.consumption import MONTH_PATTERN, require_mart
 from iiot_orchestration.reports.data import ReportError, check_slug, parse_period
-from iiot_orchestration.reports.files import report_path
+from iiot_orchestration.reports.files import FILE_STEM
 
 router = keyed_router("reports")
 
@@ -91,13 +90,13 @@ def kind_of(period: str) -> str | None:
     return kind if canonical else None
 
 
-def _tenant_dir(request: Request, s: Session) -> tuple[Path, str]:
-    folder = tenant_root(request, s)
-    return folder.parent, folder.name
+def _report(period: str, fmt: str) -> tuple[str, str]:
+    """The file of a report in the tenant's folder (reports.files.report_key, under the slug)."""
+    return period, f"{FILE_STEM}.{fmt}"
 
 
-def _file(root: Path, slug: str, period: str, fmt: str) -> dict[str, Any] | None:
-    found = regular_file(report_path(root, slug, period, fmt), root / slug)
+def _file(folder: TenantFolder, period: str, fmt: str) -> dict[str, Any] | None:
+    found = folder.stat(*_report(period, fmt))
     if found is None:
         return None
     return {
@@ -110,15 +109,11 @@ def _file(root: Path, slug: str, period: str, fmt: str) -> dict[str, Any] | None
     }
 
 
-def report_files(root: Path, slug: str, periods: list[str] | None = None) -> list[dict[str, Any]]:
+def report_files(folder: TenantFolder, periods: list[str] | None = None) -> list[dict[str, Any]]:
     """The tenant's report files, newest period spelling first (by name), PDF before XLSX."""
     if periods is None:
-        try:
-            names = [entry.name for entry in (root / slug).iterdir()]
-        except OSError:  # no report yet, or a root that cannot be read
-            names = []
-        periods = [name for name in names if kind_of(name)]
-    found = [_file(root, slug, period, fmt) for period in periods for fmt in FORMATS]
+        periods = [name for name in folder.folders() if kind_of(name)]
+    found = [_file(folder, period, fmt) for period in periods for fmt in FORMATS]
     files = [f for f in found if f is not None]
     files.sort(key=lambda f: f["format"])
     files.sort(key=lambda f: f["period"], reverse=True)
@@ -137,7 +132,12 @@ def _runs(request: Request) -> DagsterRuns:
     return DagsterRuns(settings.dagster_host, settings.dagster_port)
 
 
-@router.get("/reports", response_model=Page[ReportFile], summary="The tenant's report files")
+@router.get(
+    "/reports",
+    response_model=Page[ReportFile],
+    summary="The tenant's report files",
+    responses={503: STORE_DOWN},
+)
 def list_reports(
     s: Viewer,
     request: Request,
@@ -148,11 +148,11 @@ def list_reports(
         Literal["month", "week", "day", "range"] | None, Query(description="Only this kind.")
     ] = None,
 ) -> dict:
-    root, slug = _tenant_dir(request, s)
+    folder = TenantFolder(request, s)
     after = decode(cursor, str, str)
     files = [
         f
-        for f in report_files(root, slug)
+        for f in report_files(folder)
         if (format is None or f["format"] == format)
         and (kind is None or f["kind"] == kind)
         and (after is None or _follows(f, after))
@@ -258,8 +258,7 @@ def report_run(s: Viewer, run_id: UUID, request: Request) -> dict:
         raise not_found(f"report run {run_id} (Dagster no longer knows it)")
     files = []
     if state[0] == "succeeded":
-        root, slug = _tenant_dir(request, s)
-        files = report_files(root, slug, [row["period"]])
+        files = report_files(TenantFolder(request, s), [row["period"]])
     return _run(row, row["period"], state, files)
 
 
@@ -268,7 +267,8 @@ def report_run(s: Viewer, run_id: UUID, request: Request) -> dict:
     response_class=FileResponse,
     summary="Download a report file",
     responses={
-        200: {"content": {mime: {} for mime in FORMATS.values()}, "description": "The file"}
+        200: {"content": {mime: {} for mime in FORMATS.values()}, "description": "The file"},
+        503: STORE_DOWN,
     },
 )
 def download_report(
@@ -276,13 +276,10 @@ def download_report(
     request: Request,
     period: Annotated[str, PathParam(pattern=PERIOD_PATTERN, max_length=22)],
     fmt: Format,
-) -> FileResponse:
-    root, slug = _tenant_dir(request, s)
-    found = kind_of(period) and _file(root, slug, period, fmt)
-    if not found:
-        raise not_found(f"{fmt.upper()} report of {period}")
-    return FileResponse(
-        report_path(root, slug, period, fmt),
-        media_type=FORMATS[fmt],
-        filename=f"consumption-{slug}-{period}.{fmt}",
-    )
+) -> Response:
+    folder = TenantFolder(request, s)
+    missing = not_found(f"{fmt.upper()} report of {period}")
+    if not kind_of(period):
+        raise missing
+    name = f"consumption-{folder.slug}-{period}.{fmt}"
+    return folder.download(_report(period, fmt), FORMATS[fmt], name, missing)
