@@ -562,6 +562,14 @@ VARIABLES: tuple[Variable, ...] = (
         _int_range(1, 100),
     ),
     Variable(
+        "IIOT_BILLING_NIGHTLY_SHARDS",
+        "1",
+        "a whole number from 1 to 64",
+        "Runs a time zone's bulk billing night is split into (billing_nightly), so that several "
+        "Celery workers share it; a tenant's run follows from its slug alone (docs/billing.md).",
+        _int_range(1, 64),
+    ),
+    Variable(
         "IIOT_RETRY_MAX",
         "3",
         "a whole number from 0 to 10",
@@ -796,6 +804,7 @@ class Settings:
     dead_letter_retention_days: int = 30
     unknown_device_dead_letters_per_minute: int = 10
     log_format: str = "text"
+    billing_nightly_shards: int = 1
     retry_max: int = 3
     retry_delay_seconds: int = 30
     api_host: str = "127.0.0.1"
@@ -934,6 +943,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "IIOT_UNKNOWN_DEVICE_DEAD_LETTERS_PER_MINUTE"
         ],
         log_format=values["IIOT_LOG_FORMAT"],
+        billing_nightly_shards=values["IIOT_BILLING_NIGHTLY_SHARDS"],
         retry_max=values["IIOT_RETRY_MAX"],
         retry_delay_seconds=values["IIOT_RETRY_DELAY_SECONDS"],
         api_host=values["IIOT_API_HOST"],
@@ -1009,6 +1019,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         "IIOT_FRESHNESS_MINUTES": settings.freshness_minutes,
         "IIOT_DEFAULT_TIMEZONE": settings.default_timezone,
         "IIOT_MAX_CONCURRENT_RUNS": settings.max_concurrent_runs,
+        "IIOT_BILLING_NIGHTLY_SHARDS": settings.billing_nightly_shards,
         "IIOT_RETRY_MAX": settings.retry_max,
         "IIOT_RETRY_DELAY_SECONDS": settings.retry_delay_seconds,
         "IIOT_DAGSTER_HOST": settings.dagster_host,

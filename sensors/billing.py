@@ -2,8 +2,10 @@
 
 A cron schedule has one time zone and one job, so the nightly schedule is a sensor: every five
 minutes it requests the runs of the tenants whose local time is in the 02:00 hour; run keys make
-each tenant's night run once. Many tenants due in one time zone are billed by one bulk run."""
+each tenant's night run once. Many tenants due in one time zone are billed by one bulk run, or
+by IIOT_BILLING_NIGHTLY_SHARDS of them, which several Celery workers can take at once."""
 
+import zlib
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -13,6 +15,7 @@ from assets.billing import billing_daily_usage, billing_invoice, billing_nightly
 from iiot_orchestration.billing import period_containing
 from iiot_orchestration.partitions import tenant_key
 from iiot_orchestration.resources import PostgresResource
+from iiot_orchestration.settings import load_settings
 
 BILLING_HOUR = 2  # local time of the nightly run
 BILLING_TAG = "iiot/billing"  # one run per tenant-period at a time (dagster.yaml)
@@ -21,6 +24,7 @@ BILLING_TAG = "iiot/billing"  # one run per tenant-period at a time (dagster.yam
 # bulk run's cost per tenant milliseconds (docs/performance.md). The advisory lock per tenant in
 # the billing functions keeps a tenant-period billed by one run at a time, bulk or not.
 BULK_FROM = 50
+MAX_SHARDS = 64  # IIOT_BILLING_NIGHTLY_SHARDS' range
 
 billing_usage_job = dg.define_asset_job(
     "billing_usage_job",
@@ -70,12 +74,25 @@ def nightly_requests(now: datetime, tenants: list[tuple[str, str, int]]) -> list
     return requests
 
 
+def night_shard(slug: str, shards: int) -> int:
+    """The bulk run (0 to ``shards`` - 1) that bills a tenant: from its slug alone (CRC-32), so a
+    tenant keeps its run as others are added or removed."""
+    return zlib.crc32(slug.encode()) % shards
+
+
 def nightly_bulk_requests(
-    now: datetime, tenants: list[tuple[str, str, int]], bulk_from: int = BULK_FROM
+    now: datetime,
+    tenants: list[tuple[str, str, int]],
+    bulk_from: int = BULK_FROM,
+    shards: int = 1,
 ) -> list[dg.RunRequest]:
     """``nightly_requests``, except that the tenants of a time zone with at least ``bulk_from``
-    tenants due are billed by one ``billing_nightly`` run for yesterday (their slugs in its
-    config), tagged ``iiot/billing=nightly:<zone>:<day>``."""
+    tenants due are billed by ``billing_nightly`` runs for yesterday (their slugs in the run's
+    config): one, run key and tag ``iiot/billing`` ``nightly:<zone>:<day>``, or with ``shards``
+    k > 1 up to k, the tenants split by ``night_shard``, run key and tag
+    ``nightly:<zone>:<day>:<i>/<k>`` (i from 1); a shard without tenants gets no run."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be a whole number from 1 to {MAX_SHARDS}, not {shards!r}")
     due: dict[str, list[tuple[str, str, int]]] = {}
     for tenant in tenants:
         if now.astimezone(ZoneInfo(tenant[1])).hour == BILLING_HOUR:
@@ -86,21 +103,22 @@ def nightly_bulk_requests(
             requests += nightly_requests(now, group)
             continue
         yesterday = now.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)
-        requests.append(
-            dg.RunRequest(
-                run_key=f"nightly:{timezone}:{yesterday}",
-                job_name=billing_nightly_job.name,
-                partition_key=f"{yesterday}",
-                run_config={
-                    "ops": {
-                        "billing_nightly": {
-                            "config": {"tenants": sorted(slug for slug, _, _ in group)}
-                        }
-                    }
-                },
-                tags={BILLING_TAG: f"nightly:{timezone}:{yesterday}"},
+        split: list[list[str]] = [[] for _ in range(shards)]
+        for slug, _, _ in group:
+            split[night_shard(slug, shards)].append(slug)
+        for n, slugs in enumerate(split):
+            if not slugs:
+                continue
+            key = f"nightly:{timezone}:{yesterday}" + (f":{n + 1}/{shards}" if shards > 1 else "")
+            requests.append(
+                dg.RunRequest(
+                    run_key=key,
+                    job_name=billing_nightly_job.name,
+                    partition_key=f"{yesterday}",
+                    run_config={"ops": {"billing_nightly": {"config": {"tenants": sorted(slugs)}}}},
+                    tags={BILLING_TAG: key},
+                )
             )
-        )
     return requests
 
 
@@ -111,11 +129,14 @@ def nightly_bulk_requests(
     description="The nightly billing schedule, per tenant time zone: during the 02:00 hour of "
     "each active tenant's local time, yesterday's usage and then the period's invoice, once "
     "per tenant and day (run keys), tagged iiot/billing=<tenant>:<period> (one at a time); a "
-    f"time zone with {BULK_FROM} or more tenants due gets one bulk billing_nightly run.",
+    f"time zone with {BULK_FROM} or more tenants due gets bulk billing_nightly runs instead, "
+    "up to IIOT_BILLING_NIGHTLY_SHARDS of them (default 1), tagged "
+    "iiot/billing=nightly:<zone>:<day>[:<i>/<k>].",
 )
 def nightly_billing_sensor(
     context: dg.SensorEvaluationContext, postgres: PostgresResource
 ) -> list[dg.RunRequest]:
+    shards = load_settings().billing_nightly_shards
     now = datetime.now(UTC)
     with postgres.get_connection() as conn:
         # a tenant created today (its local day) has no yesterday to bill
@@ -123,4 +144,4 @@ def nightly_billing_sensor(
             "SELECT slug, timezone, billing_cycle_day FROM tenants WHERE status = 'active'"
             "   AND (created_at AT TIME ZONE timezone)::date < (now() AT TIME ZONE timezone)::date"
         ).fetchall()
-    return nightly_bulk_requests(now, tenants)
+    return nightly_bulk_requests(now, tenants, shards=shards)
