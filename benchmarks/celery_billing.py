@@ -3,12 +3,13 @@
 The data is benchmarks/billing.py's (tenants of America/Sao_Paulo, meters with a month of
 readings, the month's earlier days billed), loaded once; each case then bills the last local day
 on a copy of that database (``CREATE DATABASE ... TEMPLATE``), so both start from the same rows.
-The night is split into ``IIOT_BENCH_CELERY_SHARDS`` bulk runs (4) of ``billing_nightly_job``,
-each with its share of the tenants in its config as nightly_billing_sensor's bulk run has, all
-launched at once on the Celery executor (each run's orchestration a `dagster job execute`
-process, as a run launcher starts one); the workers (``dagster-celery worker start``, one step
-at a time each, their own DAGSTER_HOME and working directory, a queue of this run's own) take
-the steps.
+The night's runs are nightly_billing_sensor's: ``nightly_bulk_requests`` at 02:10 local time the
+next day, with ``IIOT_BENCH_CELERY_SHARDS`` (4) as IIOT_BILLING_NIGHTLY_SHARDS, so up to that
+many bulk runs of ``billing_nightly_job`` (a tenant's run follows from its slug: the shares are
+not exactly equal), all launched at once on the Celery executor (each run's orchestration a
+`dagster job execute` process, as a run launcher starts one); the workers (``dagster-celery
+worker start``, one step at a time each, their own DAGSTER_HOME and working directory, a queue
+of this run's own) take the steps.
 Target: two workers at least 1.3 x faster than one.
 
 Where the time goes, per case: the sum of the steps' own times (STEP_START to STEP_SUCCESS), the
@@ -28,8 +29,11 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from zoneinfo import ZoneInfo
 
 import psycopg
 import yaml
@@ -42,7 +46,7 @@ os.environ["IIOT_BENCH_BILLING_DEVICES_PER_TENANT"] = os.environ.get(
 )
 os.environ["IIOT_BENCH_BILLING_DAYS"] = os.environ.get("IIOT_BENCH_CELERY_DAYS", "30")
 
-from benchmarks.billing import LAST_DAY, TENANTS, load
+from benchmarks.billing import LAST_DAY, TENANTS, TIMEZONE, load
 from benchmarks.common import SERVER_URL, scratch_database
 from iiot_orchestration.celery_executor import (
     BROKER_VARIABLE,
@@ -97,21 +101,15 @@ def drop(name: str) -> None:
 
 
 def night_requests(url: str) -> list:
-    import dagster as dg
-
-    from sensors.billing import BILLING_TAG, billing_nightly_job
+    """The sensor's requests for the night of LAST_DAY, every tenant in a bulk run (bulk_from 1:
+    a quick check's 40 tenants are below BULK_FROM)."""
+    from sensors.billing import BILLING_HOUR, nightly_bulk_requests
 
     with psycopg.connect(url) as conn:
-        slugs = [s for (s,) in conn.execute("SELECT slug FROM tenants ORDER BY slug")]
-    return [
-        dg.RunRequest(
-            job_name=billing_nightly_job.name,
-            partition_key=f"{LAST_DAY}",
-            run_config={"ops": {"billing_nightly": {"config": {"tenants": slugs[n::SHARDS]}}}},
-            tags={BILLING_TAG: f"nightly:bench:{LAST_DAY}:{n}"},
-        )
-        for n in range(SHARDS)
-    ]
+        tenants = conn.execute("SELECT slug, timezone, billing_cycle_day FROM tenants").fetchall()
+    night = datetime.combine(LAST_DAY + timedelta(days=1), dt_time(BILLING_HOUR, 10))
+    now = night.replace(tzinfo=ZoneInfo(TIMEZONE))
+    return nightly_bulk_requests(now, tenants, bulk_from=1, shards=SHARDS)
 
 
 def job_argv(request, config: Path) -> list[str]:
@@ -151,7 +149,7 @@ def timings(instance, run_ids: list[str]) -> tuple[float, float]:
     return step, queued
 
 
-def case(loaded_url: str, workers: int, env: dict[str, str], tmp: Path) -> dict[str, float]:
+def case(loaded_url: str, workers: int, env: dict[str, str], tmp: Path) -> dict:
     import dagster as dg
 
     from iiot_orchestration.celery_workers import INSTANCE_CONFIG, start_worker
@@ -205,6 +203,8 @@ def case(loaded_url: str, workers: int, env: dict[str, str], tmp: Path) -> dict[
             if failed:
                 raise AssertionError(f"{len(failed)} runs failed, e.g. {failed[0]}")
             result["steps"], result["queued"] = timings(instance, run_ids)
+            configs = [r.run_config["ops"]["billing_nightly"]["config"] for r in requests]
+            result["shares"] = [len(config["tenants"]) for config in configs]
         with psycopg.connect(url) as conn:
             billed = conn.execute(
                 "SELECT count(*) FROM billing_daily_usage WHERE day = %s", (LAST_DAY,)
@@ -238,7 +238,11 @@ def main() -> None:
             results = {n: case(loaded, n, env, Path(tmp)) for n in (1, 2)}
         finally:
             drop(dagster_name)
-    print(f"{TENANTS:,} tenants in {SHARDS} bulk runs of billing_nightly_job, {LAST_DAY}")
+    shares = results[1]["shares"]
+    print(
+        f"{TENANTS:,} tenants in {len(shares)} bulk runs of billing_nightly_job, {LAST_DAY}"
+        f" (IIOT_BENCH_CELERY_SHARDS={SHARDS}; tenants a run: {', '.join(map(str, shares))})"
+    )
     print(
         f"{'workers':<9}{'wall s':>9}{'steps s':>10}{'queued s':>10}{'db cpu s':>10}"
         f"{'workers cpu s':>15}{'orchestr. cpu s':>17}"
