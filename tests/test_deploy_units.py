@@ -36,11 +36,13 @@ CONTAINERFILE = CONTAINER / "Containerfile"
 OPERATIONS = ROOT / "docs" / "operations.md"
 DROP_IN = SYSTEMD / "iiot-.service.d" / "10-common.conf"
 ENV_EXAMPLE = SYSTEMD / "iiot.env.example"
+CELERY_WORKER = SYSTEMD / "iiot-dagster-celery-worker@.service"
 # where the units and the image install the project, and where it is here
 VENV_BIN = "/opt/iiot/venv/bin/"
 APP = "/opt/iiot/app/"
 HERE_BIN = Path(sys.executable).parent
-INGEST_INSTANCES = ("0", "1")
+# the instances a template unit is checked as: ingest slots, Celery worker names
+INSTANCES = {"iiot-ingest@.service": ("0", "1"), "iiot-dagster-celery-worker@.service": ("1", "b")}
 VARIABLE = re.compile(r"\bIIOT_[A-Z0-9_]*[A-Z0-9]\b")
 EXEC_KEYS = ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop")
 # what the platform runs, each once under systemd and in compose.yaml
@@ -53,6 +55,7 @@ PROGRAMS = {
     ("iiot", "dagster-metrics"),
     ("iiot", "alert-webhook"),
     ("iiot", "api"),
+    ("dagster-celery", "worker", "start"),
 }
 
 
@@ -62,6 +65,7 @@ PROGRAMS = {
 def click_commands() -> dict[str, click.Command]:
     from dagster._cli import cli as dagster_cli
     from dagster._daemon.cli import cli as daemon_cli
+    from dagster_celery.cli import main as celery_cli
     from dagster_webserver.cli import dagster_webserver
 
     from iiot_orchestration.cli import main
@@ -71,6 +75,7 @@ def click_commands() -> dict[str, click.Command]:
         "dagster": dagster_cli,
         "dagster-daemon": daemon_cli,
         "dagster-webserver": dagster_webserver,
+        "dagster-celery": celery_cli,
     }
 
 
@@ -142,13 +147,14 @@ def unit_files() -> list[Path]:
 
 
 def services() -> list[tuple[Path, str]]:
-    """Every service as systemd names it: the ingest template once per slot instance."""
+    """Every service as systemd names it: a template once per instance of INSTANCES."""
     found = []
     for path in unit_files():
         if path.suffix != ".service":
             continue
         if path.name.endswith("@.service"):
-            found += [(path, path.name.replace("@", f"@{i}")) for i in INGEST_INSTANCES]
+            assert path.name in INSTANCES, f"{path.name}: a template INSTANCES does not know"
+            found += [(path, path.name.replace("@", f"@{i}")) for i in INSTANCES[path.name]]
         else:
             found.append((path, path.name))
     return found
@@ -256,6 +262,30 @@ def test_units_restart_run_as_the_service_user_and_are_sandboxed():
     assert any("--slot %i" in command for command in values(ingest, "ExecStart"))
     assert values(ingest, "RestartPreventExitStatus") == ["2"]  # a configuration error
     assert values(ingest, "KillMode") == ["mixed"]  # SIGTERM to the slot, which drains
+
+
+def test_the_celery_worker_unit_runs_the_worker_the_celery_tests_start():
+    """Each instance is a worker named after it, on IIOT_CELERY_QUEUE (dagster unless the
+    environment files say otherwise): exactly the command iiot_orchestration.celery_workers
+    starts for tests/test_celery_workers.py, after copying the Celery instance file into
+    DAGSTER_HOME; systemd stops it with SIGTERM to the whole group, the CLI's child Celery
+    included, and waits for the step in hand."""
+    from iiot_orchestration.celery_workers import INSTANCE_CONFIG, worker_argv
+
+    entries = effective(CELERY_WORKER)
+    for instance in INSTANCES[CELERY_WORKER.name]:
+        name = CELERY_WORKER.name.replace("@", f"@{instance}")
+        for env_file, queue in (({}, "dagster"), ({"IIOT_CELERY_QUEUE": "billing"}, "billing")):
+            env = {**unit_environment(entries), **env_file}
+            [start] = [expand(c, name, env) for c in values(entries, "ExecStart")]
+            assert [here(a) for a in start] == worker_argv(instance, queue)
+            [copy] = [expand(c, name, env) for c in values(entries, "ExecStartPre")]
+            target = "/var/lib/iiot/dagster_home/dagster.yaml"
+            assert [here(a) for a in copy[-2:]] == [str(INSTANCE_CONFIG), target]
+    # dagster-celery starts `celery` from PATH
+    assert unit_environment(entries)["PATH"].split(":")[0] == VENV_BIN.rstrip("/")
+    assert values(entries, "KillMode") == []  # control-group
+    assert int(values(entries, "TimeoutStopSec")[-1].removesuffix("s")) >= 60
 
 
 def documented_unit_variables() -> set[str]:
@@ -416,6 +446,29 @@ def test_compose_runs_the_units_commands_on_the_image():
             if test[1] != "iiot-healthcheck":  # the image's own, tested below
                 parse_command(test[1:])
     assert programs == PROGRAMS
+
+
+def test_compose_celery_worker_is_the_units_but_for_its_name():
+    """The compose worker (profile celery) runs the unit's command on the default queue; its
+    replicas keep dagster-celery's unique names (no -n); celery.yaml is mounted, as the image
+    lacks ops/; the broker variable celery.yaml requires is set."""
+    from iiot_orchestration.celery_workers import worker_argv
+
+    worker = compose()["services"]["dagster-celery-worker"]
+    assert worker["profiles"] == ["celery"]
+    expected = worker_argv("NAME", "dagster")
+    name_at = expected.index("-n")
+    del expected[name_at : name_at + 2]
+    program, *args = container_argv(worker)  # the image's PATH finds the program
+    assert [program, *(here(a) for a in args)] == [Path(expected[0]).name, *expected[1:]]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in worker["volumes"]}
+    celery_dir = (COMPOSE.parent / mounts[f"{APP}ops/dagster/celery"]).resolve()
+    assert celery_dir == ROOT / "ops" / "dagster" / "celery"
+    assert worker["environment"]["IIOT_CELERY_BROKER_URL"].startswith("pyamqp://")
+    assert "IIOT_BACKUP_DATABASE_URL" in worker["environment"]  # backups run on workers too
+    rabbitmq = compose()["services"]["rabbitmq"]
+    assert rabbitmq["profiles"] == ["celery"]
+    assert rabbitmq["network_mode"] == worker["network_mode"] == "service:pod"
 
 
 def test_compose_ingest_slots_ports_and_alert_receiver_agree():
