@@ -153,16 +153,19 @@ def rollup_hours(
 
 def refresh_aggregate(conn: psycopg.Connection, name: str, window: Window) -> None:
     """TimescaleDB mode: refresh a continuous aggregate for exactly ``window``. The procedure
-    commits as it goes, so it runs outside any transaction."""
-    conn.commit()
-    conn.autocommit = True
+    commits as it goes, so it runs outside any transaction; the connection's autocommit mode is
+    given back as it was."""
+    was_autocommit = conn.autocommit
+    if not was_autocommit:
+        conn.commit()
+        conn.autocommit = True
     try:
         conn.execute(
             "CALL refresh_continuous_aggregate(%s, %s::timestamptz, %s::timestamptz)",
             (name, window.start, window.end),
         )
     finally:
-        conn.autocommit = False
+        conn.autocommit = was_autocommit
 
 
 def _stats_query(aggregate: bool, devices: list[int] | None) -> str:

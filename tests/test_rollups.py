@@ -568,3 +568,26 @@ def test_both_storage_modes_give_identical_rollups(timescale_server_url):
             drop_database(timescale_server_url, name)
     assert tables["postgres"][0]  # not trivially equal
     assert tables["timescale"] == tables["postgres"]
+
+
+@pytest.mark.timescale
+def test_refreshing_an_aggregate_gives_the_connection_back_as_it_was(timescale_server_url):
+    """refresh_aggregate runs outside a transaction; it left an autocommit connection in
+    transaction mode, so that a caller's next SET TRANSACTION failed (a PITR test met it)."""
+    from iiot_orchestration import migrate
+    from tests.conftest import create_database, drop_database
+
+    name = f"iiot_refresh_{uuid.uuid4().hex[:8]}"
+    url = create_database(timescale_server_url, name)
+    window = rollups.Window(datetime(2026, 11, 18, tzinfo=UTC), datetime(2026, 11, 19, tzinfo=UTC))
+    try:
+        migrate.migrate(url, "timescale", echo=lambda _: None)
+        for autocommit in (True, False):
+            with psycopg.connect(url, autocommit=autocommit) as conn:
+                rollups.refresh_aggregate(conn, rollups.HOURLY_AGGREGATE, window)
+                assert conn.autocommit is autocommit
+                if not autocommit:
+                    conn.execute("SELECT 1")  # a transaction of the caller's again
+                    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        drop_database(timescale_server_url, name)
