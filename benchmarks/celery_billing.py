@@ -58,6 +58,7 @@ from iiot_orchestration.settings import to_url
 
 SHARDS = int(os.environ.get("IIOT_BENCH_CELERY_SHARDS", "4"))
 TARGET = 1.3
+JOB = "billing_nightly_job"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -182,6 +183,8 @@ def case(loaded_url: str, workers: int, env: dict[str, str], tmp: Path) -> dict:
             db_cpu = cpu_seconds(lambda pid, pgid, n: n == "postgres")
             worker_cpu = cpu_seconds(lambda pid, pgid, n: pgid in sessions)
             own_cpu = sum(os.times()[2:4])
+            # the instance's storage is shared by the cases: this case's runs are the new ones
+            earlier = {r.run_id for r in instance.get_runs(dg.RunsFilter(job_name=JOB))}
             began = time.perf_counter()
             launched = [
                 subprocess.Popen(job_argv(r, home.parent / f"run{n}.yaml"), env=dict(os.environ),
@@ -197,7 +200,11 @@ def case(loaded_url: str, workers: int, env: dict[str, str], tmp: Path) -> dict:
                 "worker_cpu": cpu_seconds(lambda pid, pgid, n: pgid in sessions) - worker_cpu,
                 "own_cpu": sum(os.times()[2:4]) - own_cpu,
             }
-            runs = instance.get_runs(dg.RunsFilter(job_name="billing_nightly_job"))
+            runs = [
+                r for r in instance.get_runs(dg.RunsFilter(job_name=JOB)) if r.run_id not in earlier
+            ]
+            if len(runs) != len(requests):
+                raise AssertionError(f"{len(runs)} new runs for {len(requests)} requests")
             run_ids = [run.run_id for run in runs]
             failed = [r.run_id for r in runs if not r.is_success]
             if failed:
@@ -235,7 +242,11 @@ def main() -> None:
             {k: v for k, v in env.items() if k.startswith("IIOT_")}, **{EXECUTOR_VARIABLE: "celery"}
         )
         try:
-            results = {n: case(loaded, n, env, Path(tmp)) for n in (1, 2)}
+            results = {}
+            for n in (1, 2):
+                print(f"billing the night on {n} worker(s)...", flush=True)
+                results[n] = case(loaded, n, env, Path(tmp))
+                print(f"  {results[n]['wall']:.1f} s", flush=True)
         finally:
             drop(dagster_name)
     shares = results[1]["shares"]
