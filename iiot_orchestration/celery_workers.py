@@ -1,5 +1,5 @@
 """Celery workers for Dagster's steps, as docs/operations.md ("Dagster on several hosts") starts
-them, and runs on the Celery executor: what the tests and the benchmark of the Celery mode use.
+them, and which worker ran a step: what the tests and the benchmark of the Celery mode use.
 
 A worker is ``dagster-celery worker start`` with the repository's worker configuration, one
 queue, one step at a time; it runs in a session of its own, as the CLI starts Celery as a child
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from iiot_orchestration.celery_executor import QUEUE_VARIABLE
 
@@ -103,20 +102,6 @@ def start_worker(
             start_new_session=True,
         )
     return Worker(name, process, log)
-
-
-def execute_request(instance: dg.DagsterInstance, request: dg.RunRequest) -> str:
-    """Run a sensor's or schedule's request on ``instance`` with the code location's executor,
-    in this process (the run's orchestration; its steps go where the executor sends them); the
-    run's id."""
-    job = ReconstructableRepository.for_module(DEFINITIONS, "defs").get_reconstructable_job(
-        request.job_name
-    )
-    tags = dict(request.tags)
-    if request.partition_key:
-        tags["dagster/partition"] = request.partition_key
-    with dg.execute_job(job, instance, run_config=request.run_config, tags=tags) as result:
-        return result.run_id
 
 
 def step_workers(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
