@@ -320,29 +320,30 @@ async def open_async_session(
         yield AsyncSession(**vars(caller), conn=conn)
 
 
+async def _credentials(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_key_header)],
+    acting_for: Annotated[str | None, _ACTING_FOR] = None,
+) -> tuple[str, str | None]:
+    """The presented key and X-IIOT-Tenant, for both kinds of session (a coroutine: it does no
+    I/O, and a plain function would take a hop through the thread pool)."""
+    return _presented_key(bearer, header_key), acting_for
+
+
+Credentials = Annotated[tuple[str, str | None], Depends(_credentials)]
+
+
 def _requiring(minimum: str, *, needs_tenant: bool = True):
-    def dependency(
-        request: Request,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        header_key: Annotated[str | None, Depends(_key_header)],
-        acting_for: Annotated[str | None, _ACTING_FOR] = None,
-    ) -> Iterator[Session]:
-        key = _presented_key(bearer, header_key)
-        yield from open_session(request, key, acting_for, minimum, needs_tenant=needs_tenant)
+    def dependency(request: Request, credentials: Credentials) -> Iterator[Session]:
+        yield from open_session(request, *credentials, minimum, needs_tenant=needs_tenant)
 
     dependency.__name__ = f"{minimum}_session"  # the role in the OpenAPI document: x-iiot-role
     return Depends(dependency, scope="function")
 
 
 def _requiring_async(minimum: str):
-    async def dependency(
-        request: Request,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        header_key: Annotated[str | None, Depends(_key_header)],
-        acting_for: Annotated[str | None, _ACTING_FOR] = None,
-    ) -> AsyncIterator[AsyncSession]:
-        key = _presented_key(bearer, header_key)
-        async for session in open_async_session(request, key, acting_for, minimum):
+    async def dependency(request: Request, credentials: Credentials) -> AsyncIterator[AsyncSession]:
+        async for session in open_async_session(request, *credentials, minimum):
             yield session
 
     dependency.__name__ = f"{minimum}_session"
