@@ -115,6 +115,9 @@ def test_explicit_dagster_url_wins():
         ("IIOT_RETENTION_BATCH_ROWS", "50000; DELETE FROM telemetry", "100 to 1000000"),
         ("IIOT_COMPRESS_AFTER_DAYS", "0", "1 to 3650"),
         ("IIOT_COMPRESS_AFTER_DAYS", "one week", "1 to 3650"),
+        ("IIOT_API_POOL_TIMEOUT_SECONDS", "0", "1 to 300"),
+        ("IIOT_API_POOL_TIMEOUT_SECONDS", "10s", "1 to 300"),
+        ("IIOT_API_POOL_TIMEOUT_SECONDS", "86400", "1 to 300"),
     ],
 )
 def test_bad_value_names_variable_and_expected_form(name, value, expected):
